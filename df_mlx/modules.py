@@ -1,6 +1,7 @@
 """Building blocks of the DeepFilterNet models, mirroring `df.modules`."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from df_mlx.utils import get_device  # noqa: F401  (re-exported, as in df.modules)
@@ -22,3 +23,25 @@ def erb_fb(widths: np.ndarray, sr: int, normalized: bool = True, inverse: bool =
     elif normalized:
         fb = fb / fb.sum(axis=0)
     return mx.array(fb.astype(np.float32))
+
+
+class Sequential(nn.Module):
+    """`torch.nn.Sequential` with torch's child names "0", "1", ...: the flattened parameter
+    names then equal the torch `state_dict` keys (MLX's own Sequential says `layers.0`)."""
+
+    def __init__(self, *modules: nn.Module):
+        super().__init__()
+        self._size = len(modules)
+        for i, module in enumerate(modules):
+            self[str(i)] = module
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, key):
+        return super().__getitem__(str(key) if isinstance(key, int) else key)
+
+    def __call__(self, x):
+        for i in range(self._size):
+            x = self[str(i)](x)
+        return x

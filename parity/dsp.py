@@ -54,15 +54,19 @@ SETTINGS: List[Setting] = [
 ODD_CHUNKS = (479, 1000, 4801, 97, 12345)
 
 
-def test_signals(sr: int, seconds: float = 2.0) -> List[Tuple[str, np.ndarray]]:
-    """Deterministic random noise and real recorded noise, as float32 [2, T]."""
+def signals_for(sr: int, seconds: float = 2.0) -> List[Tuple[str, np.ndarray]]:
+    """Deterministic float32 [2, T] signals: random noise, and real audio (channel 0 synthesised
+    speech mixed with recorded noise at 5 dB SNR, channel 1 the noise alone)."""
     import soundfile as sf
 
     n = int(sr * seconds)
     rng = np.random.default_rng(0)
     rand = (rng.standard_normal((2, n)) * 0.1).astype(np.float32)
-    real, _ = sf.read(DATA / "noise_freesound_573577.wav", dtype="float32", always_2d=True)
-    real = np.tile(real[:, 0], 2)[: 2 * n].reshape(2, n).copy()
+    noise, _ = sf.read(DATA / "noise_freesound_573577.wav", dtype="float32")
+    speech, _ = sf.read(DATA / "speech_espeak_48k.wav", dtype="float32")
+    noise, speech = np.resize(noise, n), np.resize(speech, n)
+    gain = np.sqrt(np.mean(speech**2) / np.mean(noise**2) / 10 ** (5 / 10))
+    real = np.stack([speech + gain * noise, gain * noise]).astype(np.float32)
     return [("random", rand), ("real", real)]
 
 
@@ -89,7 +93,7 @@ def dsp_report(setting: Setting, alpha: float = 0.99) -> Report:
     nb_df = min(96, setting.fft_size // 2 + 1)
     report.add(compare("unit_norm_init", ours.unit_norm_init(nb_df), libdf.unit_norm_init(nb_df), EXACT))
 
-    for sig_name, x in test_signals(setting.sr):
+    for sig_name, x in signals_for(setting.sr):
         spec_ref = ref.analysis(x)
         report.add(compare(f"{sig_name}/analysis", mine.analysis(x), spec_ref, SPECTRUM))
 

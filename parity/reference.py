@@ -118,7 +118,7 @@ def load_reference() -> ReferenceInfo:
     _info = ReferenceInfo(
         path=df_dir,
         version=_version_of(df_dir, bool(env)),
-        commit=_git_commit(df_dir),
+        commit=_git_commit(df_dir) if env else None,  # site-packages may sit in another repo
         source=f"${ENV_VAR}" if env else "site-packages",
     )
     return _info

@@ -1,0 +1,3 @@
+from df_mlx.cli import main
+
+main()

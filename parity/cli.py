@@ -1,0 +1,37 @@
+"""`dfmlx parity TARGET`: print the layer-by-layer error table against the reference."""
+
+from typing import Callable, Dict, List
+
+import click
+
+from parity.report import Report
+
+
+def _dsp_reports() -> List[Report]:
+    from parity.dsp import SETTINGS, dsp_report, helpers_report
+
+    return [dsp_report(s) for s in SETTINGS] + [helpers_report()]
+
+
+TARGETS: Dict[str, Callable[[], List[Report]]] = {"dsp": _dsp_reports}
+
+
+@click.command("parity")
+@click.argument("target", type=click.Choice(sorted(TARGETS)), default="dsp")
+@click.option("--summary-only", is_flag=True, help="One line per report instead of full tables.")
+def parity(target: str, summary_only: bool):
+    """Compare df_mlx against the PyTorch reference (upstream `df` or $DF_REFERENCE), layer by
+    layer; exit 1 when any layer is past its tolerance."""
+    from parity.reference import ReferenceUnavailable, load_reference
+
+    try:
+        click.echo(f"reference: {load_reference().describe()}")
+    except ReferenceUnavailable as e:
+        raise click.ClickException(f"parity reference unavailable: {e}")
+    reports = TARGETS[target]()
+    for report in reports:
+        click.echo(report.summary() if summary_only else report.table() + "\n")
+    failed = [r for r in reports if not r.passed]
+    click.echo(f"{len(reports) - len(failed)}/{len(reports)} reports within tolerance")
+    if failed:
+        raise SystemExit(1)
