@@ -33,3 +33,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if str(item.fspath).startswith(here):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def default_configs():
+    """Every parity test starts with both configs (reference and df_mlx) at their defaults."""
+    if REFERENCE is None:
+        yield
+        return
+    from df_mlx.config import config as mlx_config
+    from parity.reference import import_ref
+
+    configs = (import_ref("config").config, mlx_config)
+    for cfg in configs:
+        cfg.use_defaults(allow_reload=True)
+    yield
+    for cfg in configs:
+        cfg.use_defaults(allow_reload=True)

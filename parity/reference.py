@@ -98,7 +98,8 @@ def _stub_io() -> types.ModuleType:
 
 
 def load_reference() -> ReferenceInfo:
-    """Make `import df.<module>` load the reference; idempotent. Raises ReferenceUnavailable."""
+    """Make `import df.<module>` load the reference, with its config at defaults; idempotent.
+    Raises ReferenceUnavailable."""
     global _info
     if _info is not None:
         return _info
@@ -115,6 +116,7 @@ def load_reference() -> ReferenceInfo:
     sys.modules["df"] = pkg
     for name in _STUBBED:
         sys.modules[name] = _stub_io()
+    importlib.import_module("df.config").config.use_defaults(allow_reload=True)
     _info = ReferenceInfo(
         path=df_dir,
         version=_version_of(df_dir, bool(env)),

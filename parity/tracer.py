@@ -4,7 +4,8 @@ Because df_mlx models use the reference's module names (their flattened paramete
 the torch `state_dict` keys), the same name identifies the same layer in both traces.
 A module called more than once gets `name#1`, `name#2`, ... for its later calls; tuple outputs
 become `name.0`, `name.1`, .... MLX modules that compute channels-last declare
-`trace_layout = "NHWC"` and their 4-D outputs are moved to NCHW before comparison.
+`trace_layout = "NHWC"`; their 4-D outputs, and those of their sub-modules, are moved to NCHW
+before comparison.
 """
 
 from collections import OrderedDict
@@ -77,6 +78,16 @@ def _mlx_to_numpy(layout: Optional[str]):
     return convert
 
 
+def _layout(name: str, modules: Dict[str, object]) -> Optional[str]:
+    """The `trace_layout` of the module or of its nearest ancestor that declares one."""
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        layout = getattr(modules.get(".".join(parts[:i])), "trace_layout", None)
+        if layout is not None:
+            return layout
+    return None
+
+
 @contextmanager
 def trace_mlx(model, include: Optional[Callable[[str], bool]] = None) -> Iterator[Dict]:
     """Wrap `__call__` of every named sub-module (not the root) of an MLX model.
@@ -86,11 +97,12 @@ def trace_mlx(model, include: Optional[Callable[[str], bool]] = None) -> Iterato
     """
     trace: "OrderedDict[str, object]" = OrderedDict()
     patched = []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if not name or (include is not None and not include(name)):
             continue
         cls = type(module)
-        convert = _mlx_to_numpy(getattr(module, "trace_layout", None))
+        convert = _mlx_to_numpy(_layout(name, modules))
 
         def call(self, *args, __name=name, __cls=cls, __convert=convert, **kwargs):
             out = __cls.__call__(self, *args, **kwargs)
