@@ -1,0 +1,302 @@
+"""torch.nn layers that df uses, in MLX, with torch's parameter names.
+
+The flattened MLX parameter names equal the torch `state_dict` keys. Linear and GRU tensors
+keep torch's shapes. Convolutions compute channels-last (NHWC, [B, T, F, C] in DeepFilterNet)
+and store their weights in MLX's layout; `TORCH_LAYOUT` tells the converters how each maps to
+torch's, so a converter needs no per-model code.
+"""
+
+import math
+import numbers
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from loguru import logger
+
+
+def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
+    """torch's `F.linear` (x @ weight.T + bias) on the last axis of x [..., I] with a torch-layout
+    weight [O, I]. The weight is made contiguous as [I, O] first: the CPU BLAS that MLX links
+    is about twice as slow on a transposed operand."""
+    y = x @ mx.contiguous(weight.T)
+    return y if bias is None else y + bias
+
+
+def _gru_gates(xp: mx.array, hp: mx.array, h: mx.array) -> mx.array:
+    """torch's GRU cell from the input and hidden projections (biases included), gate order
+    r, z, n: n = tanh(x_n + r * (W_hn h + b_hn)), h' = (h - n) * z + n as torch computes it."""
+    size = h.shape[-1]
+    r = mx.sigmoid(xp[..., :size] + hp[..., :size])
+    z = mx.sigmoid(xp[..., size : 2 * size] + hp[..., size : 2 * size])
+    n = mx.tanh(xp[..., 2 * size :] + r * hp[..., 2 * size :])
+    return (h - n) * z + n
+
+
+@mx.compile
+def _gru_step(xp: mx.array, h: mx.array, w_hh_t: mx.array, b_hh: mx.array) -> mx.array:
+    """One time step: the hidden projection and the gate math compiled into one call, so the
+    elementwise ops are fused and the Python loop pays one dispatch per step."""
+    return _gru_gates(xp, h @ w_hh_t + b_hh, h)
+
+
+def gru_scan(xp: mx.array, h: mx.array, w_hh: mx.array, b_hh: Optional[mx.array],
+             reverse: bool = False) -> Tuple[mx.array, mx.array]:
+    """The GRU recurrence over axis 0 of the input projection xp [T, B, 3H] (x @ W_ih.T + b_ih,
+    computed for all steps at once by the caller) from h [B, H]; w_hh [3H, H] in torch layout.
+    Returns (outputs [T, B, H], last hidden state [B, H]); `reverse` runs from the last step."""
+    steps = xp.shape[0]
+    if steps == 0:
+        raise ValueError("GRU input has no time steps")
+    w_hh_t = mx.contiguous(w_hh.T)
+    if b_hh is None:  # adding an exact zero keeps a single compiled step function
+        b_hh = mx.zeros((w_hh.shape[0],), dtype=xp.dtype)
+    out = [None] * steps
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
+        h = _gru_step(xp[t], h, w_hh_t, b_hh)
+        out[t] = h
+    return mx.stack(out), h
+
+
+def _dropout(x: mx.array, p: float) -> mx.array:
+    """Inverted dropout as torch's (p = 1 gives zeros)."""
+    if p >= 1:
+        return mx.zeros_like(x)
+    return mx.where(mx.random.bernoulli(1 - p, x.shape), x / (1 - p), mx.zeros_like(x))
+
+
+class GRU(nn.Module):
+    """`torch.nn.GRU`: parameters `weight_ih_l{k}` [3H, I], `weight_hh_l{k}` [3H, H],
+    `bias_ih_l{k}`, `bias_hh_l{k}` [3H] (plus `_reverse` ones when bidirectional), gates r, z, n.
+
+    Input [T, B, I] ([B, T, I] with `batch_first`, or unbatched [T, I]); h0 [L*D, B, H]
+    ([L*D, H] unbatched). Returns (output [T, B, D*H] (batch_first: [B, T, D*H]), h_n like h0).
+    The input projection of a layer is one matmul over all steps; only the hidden projection
+    and the gate math run per step. Dropout is applied between layers in training mode only.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False):
+        super().__init__()
+        if not (isinstance(hidden_size, int) and hidden_size > 0):
+            raise ValueError(f"hidden_size must be a positive integer, got {hidden_size!r}")
+        if not (isinstance(num_layers, int) and num_layers > 0):
+            raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a number in [0, 1], got {dropout!r}")
+        if dropout > 0 and num_layers == 1:
+            logger.warning(f"GRU: dropout={dropout} has no effect with num_layers=1 (dropout "
+                           "acts between layers)")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.num_directions = 2 if bidirectional else 1
+        bound = 1 / math.sqrt(hidden_size)
+        gates = 3 * hidden_size
+        for layer in range(num_layers):
+            in_size = input_size if layer == 0 else hidden_size * self.num_directions
+            for sfx in self._suffixes(layer):
+                shapes = {"weight_ih": (gates, in_size), "weight_hh": (gates, hidden_size)}
+                if bias:
+                    shapes.update(bias_ih=(gates,), bias_hh=(gates,))
+                for name, shape in shapes.items():
+                    setattr(self, name + sfx, mx.random.uniform(-bound, bound, shape))
+
+    def _suffixes(self, layer: int):
+        return [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
+
+    def _check(self, x: mx.array, h0: Optional[mx.array]) -> bool:
+        """Validate shapes as torch does; returns whether the input is batched."""
+        if x.ndim not in (2, 3):
+            raise ValueError(f"GRU expects a 2-D (unbatched) or 3-D input, got shape {x.shape}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"GRU input has {x.shape[-1]} features, expected input_size={self.input_size}")
+        batched = x.ndim == 3
+        if h0 is not None:
+            states = self.num_layers * self.num_directions
+            if batched:
+                expected = (states, x.shape[0 if self.batch_first else 1], self.hidden_size)
+            else:
+                expected = (states, self.hidden_size)
+            if tuple(h0.shape) != expected:
+                raise ValueError(f"GRU h0 has shape {tuple(h0.shape)}, expected {expected}")
+        return batched
+
+    def __call__(self, x: mx.array, h0: Optional[mx.array] = None) -> Tuple[mx.array, mx.array]:
+        batched = self._check(x, h0)
+        if not batched:
+            x, h0 = x[:, None], None if h0 is None else h0[:, None]
+        elif self.batch_first:
+            x = x.swapaxes(0, 1)
+        if h0 is None:
+            h0 = mx.zeros((self.num_layers * self.num_directions, x.shape[1], self.hidden_size), x.dtype)
+        h_n = []
+        for layer in range(self.num_layers):
+            if layer > 0 and self.training and self.dropout > 0:
+                x = _dropout(x, self.dropout)
+            outs = []
+            for d, sfx in enumerate(self._suffixes(layer)):
+                xp = linear(x, self["weight_ih" + sfx], self.get("bias_ih" + sfx))
+                out, h = gru_scan(xp, h0[len(h_n)], self["weight_hh" + sfx], self.get("bias_hh" + sfx),
+                                  reverse=d == 1)
+                outs.append(out)
+                h_n.append(h)
+            x = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+        h_n = mx.stack(h_n)
+        if not batched:
+            return x[:, 0], h_n[:, 0]
+        return (x.swapaxes(0, 1) if self.batch_first else x), h_n
+
+
+_Pair = Union[int, Tuple[int, int]]
+
+
+def _pair(x: _Pair) -> Tuple[int, int]:
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def _uniform(shape, fan_in: int) -> mx.array:
+    """torch's default conv init bound 1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5))."""
+    bound = 1.0 / fan_in**0.5
+    return mx.random.uniform(-bound, bound, shape)
+
+
+class Conv2d(nn.Module):
+    """`torch.nn.Conv2d` on NHWC input; weight [O, kH, kW, I/groups]."""
+
+    trace_layout = "NHWC"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, stride: _Pair = 1,
+                 padding: _Pair = 0, dilation: _Pair = 1, groups: int = 1, bias: bool = True):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
+        kh, kw = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.groups = groups
+        fan_in = in_channels // groups * kh * kw
+        self.weight = _uniform((out_channels, kh, kw, in_channels // groups), fan_in)
+        if bias:
+            self.bias = _uniform((out_channels,), fan_in)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        return y + self.bias if "bias" in self else y
+
+
+class ConvTranspose2d(nn.Module):
+    """`torch.nn.ConvTranspose2d` on NHWC input; weight [O, kH, kW, I/groups] (torch keeps
+    [I, O/groups, kH, kW])."""
+
+    trace_layout = "NHWC"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _Pair, stride: _Pair = 1,
+                 padding: _Pair = 0, output_padding: _Pair = 0, groups: int = 1, bias: bool = True,
+                 dilation: _Pair = 1):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
+        kh, kw = _pair(kernel_size)
+        self.stride, self.padding = _pair(stride), _pair(padding)
+        self.output_padding, self.dilation = _pair(output_padding), _pair(dilation)
+        self.groups = groups
+        fan_in = out_channels // groups * kh * kw  # torch computes it from weight.size(1)
+        self.weight = _uniform((out_channels, kh, kw, in_channels // groups), fan_in)
+        if bias:
+            self.bias = _uniform((out_channels,), fan_in)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.conv_transpose2d(x, self.weight, self.stride, self.padding, self.dilation,
+                                self.output_padding, self.groups)
+        return y + self.bias if "bias" in self else y
+
+
+class BatchNorm2d(nn.Module):
+    """`torch.nn.BatchNorm2d` on NHWC input, with torch's buffers and update rule: batch
+    statistics with the biased variance for normalising, the unbiased one for `running_var`."""
+
+    trace_layout = "NHWC"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = mx.ones((num_features,))
+        self.bias = mx.zeros((num_features,))
+        self.running_mean = mx.zeros((num_features,))
+        self.running_var = mx.ones((num_features,))
+        self.num_batches_tracked = mx.array(0, dtype=mx.int64)
+        self.freeze(keys=["running_mean", "running_var", "num_batches_tracked"], recurse=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.training:
+            axes = tuple(range(x.ndim - 1))
+            mean = x.mean(axes)
+            var = x.var(axes)
+            n = x.size // x.shape[-1]
+            m = self.momentum
+            self.running_mean = (1 - m) * self.running_mean + m * mx.stop_gradient(mean)
+            self.running_var = (1 - m) * self.running_var + m * mx.stop_gradient(var) * (n / max(n - 1, 1))
+            self.num_batches_tracked = self.num_batches_tracked + 1
+        else:
+            mean, var = self.running_mean, self.running_var
+        return (x - mean) * (self.weight * mx.rsqrt(var + self.eps)) + self.bias
+
+
+class ConstantPad2d(nn.Module):
+    """`torch.nn.ConstantPad2d((left, right, top, bottom))` on NHWC: left/right pad W (F),
+    top/bottom pad H (T). Negative padding crops, as in torch."""
+
+    trace_layout = "NHWC"
+
+    def __init__(self, padding: Tuple[int, int, int, int], value: float = 0.0):
+        super().__init__()
+        self.padding, self.value = tuple(padding), value
+
+    def __call__(self, x: mx.array) -> mx.array:
+        left, right, top, bottom = self.padding
+        return pad_axis(pad_axis(x, 2, left, right, self.value), 1, top, bottom, self.value)
+
+
+def pad_axis(x: mx.array, axis: int, before: int, after: int, value: float = 0.0) -> mx.array:
+    """Pad (positive) or crop (negative) one axis, like torch's F.pad on that axis."""
+    axis = axis % x.ndim
+    if before < 0 or after < 0:
+        stop = x.shape[axis] + min(after, 0)
+        x = x[(slice(None),) * axis + (slice(max(-before, 0), stop),)]
+        before, after = max(before, 0), max(after, 0)
+    if before == 0 and after == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (before, after)
+    return mx.pad(x, widths, constant_values=value)
+
+
+def _conv_to_torch(w: mx.array, _module) -> mx.array:
+    return w.transpose(0, 3, 1, 2)
+
+
+def _conv_from_torch(w: mx.array, _module) -> mx.array:
+    return w.transpose(0, 2, 3, 1)
+
+
+def _convt_to_torch(w: mx.array, module: ConvTranspose2d) -> mx.array:
+    o, kh, kw, i_g = w.shape
+    g = module.groups
+    return w.reshape(g, o // g, kh, kw, i_g).transpose(0, 4, 1, 2, 3).reshape(g * i_g, o // g, kh, kw)
+
+
+def _convt_from_torch(w: mx.array, module: ConvTranspose2d) -> mx.array:
+    i, o_g, kh, kw = w.shape
+    g = module.groups
+    return w.reshape(g, i // g, o_g, kh, kw).transpose(0, 2, 3, 4, 1).reshape(g * o_g, kh, kw, i // g)
+
+
+# {layer type: {parameter name: (mlx -> torch, torch -> mlx)}}; parameters not listed are equal.
+TORCH_LAYOUT = {
+    Conv2d: {"weight": (_conv_to_torch, _conv_from_torch)},
+    ConvTranspose2d: {"weight": (_convt_to_torch, _convt_from_torch)},
+}
