@@ -16,7 +16,7 @@ import numpy as np
 from df_mlx.layers import GRU, BatchNorm2d, ConstantPad2d, Conv2d, ConvTranspose2d, pad_axis
 from df_mlx.libdf import unit_norm_init
 from df_mlx.model import ModelParams
-from df_mlx.utils import as_complex, as_real, get_device  # noqa: F401  (get_device re-exported)
+from df_mlx.utils import as_complex, as_real, get_device  # noqa: F401  (re-exported, as df.modules)
 
 
 def erb_fb(widths: np.ndarray, sr: int, normalized: bool = True, inverse: bool = False) -> mx.array:
@@ -429,7 +429,9 @@ class LocalSnrTarget(nn.Module):
 
 
 def _hann_window(n: int) -> mx.array:
-    """torch.hann_window(n) (periodic)."""
+    """torch.hann_window(n) (periodic; a single 1 for n == 1, as torch)."""
+    if n == 1:
+        return mx.ones((1,))
     return mx.array((0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32))
 
 

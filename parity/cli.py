@@ -13,7 +13,19 @@ def _dsp_reports() -> List[Report]:
     return [dsp_report(s) for s in SETTINGS] + [helpers_report()]
 
 
-TARGETS: Dict[str, Callable[[], List[Report]]] = {"dsp": _dsp_reports}
+def _model_reports(family: str) -> Callable[[], List[Report]]:
+    def reports() -> List[Report]:
+        from parity.models import family_reports
+
+        return family_reports(family)
+
+    return reports
+
+
+TARGETS: Dict[str, Callable[[], List[Report]]] = {
+    "dsp": _dsp_reports,
+    "dfnet3": _model_reports("deepfilternet3"),
+}
 
 
 @click.command("parity")

@@ -74,9 +74,9 @@ def pair_report(
         m_out = _to_tuple(mlx_module(*m_inputs))
     back = out_to_torch or [None] * len(m_out)
     m_out_np = [np.array(f(o) if f else o) for o, f in zip(m_out, back)]
+    compare_traces(report, mlx_trace, ref_trace, tol)  # execution order: first divergence first
     for i, (mo, to) in enumerate(zip(m_out_np, t_out)):
         report.add(compare(f"output.{i}", mo, to, tol))
-    compare_traces(report, mlx_trace, ref_trace, tol)
     if not grads:
         return report
 

@@ -1,0 +1,360 @@
+"""DeepFilterNet3 in MLX, mirroring `df.deepfilternet3`.
+
+Same config keys and defaults, same sub-module names (flattened parameter names equal the torch
+`state_dict` keys) and the same outputs. Inside, feature maps are channels-last [B, T, F, C];
+`DfNet.__call__` takes and returns df's layouts.
+"""
+
+from functools import partial
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from loguru import logger
+
+import df_mlx.multiframe as MF
+from df_mlx.config import Csv, DfParams, config
+from df_mlx.libdf import DF
+from df_mlx.modules import (
+    ConstantPad2d,
+    Conv2dNormAct,
+    ConvTranspose2dNormAct,
+    GroupedLinearEinsum,
+    Identity,
+    Mask,
+    Sequential,
+    SqueezedGRU_S,
+    erb_fb,
+)
+
+PI = 3.1415926535897932384626433
+
+
+class ModelParams(DfParams):
+    section = "deepfilternet"
+
+    def __init__(self):
+        super().__init__()
+        sec = self.section
+        self.conv_lookahead: int = config("CONV_LOOKAHEAD", cast=int, default=0, section=sec)
+        self.conv_ch: int = config("CONV_CH", cast=int, default=16, section=sec)
+        self.conv_depthwise: bool = config("CONV_DEPTHWISE", cast=bool, default=True, section=sec)
+        self.convt_depthwise: bool = config("CONVT_DEPTHWISE", cast=bool, default=True, section=sec)
+        self.conv_kernel: List[int] = config("CONV_KERNEL", cast=Csv(int), default=(1, 3), section=sec)
+        self.convt_kernel: List[int] = config("CONVT_KERNEL", cast=Csv(int), default=(1, 3), section=sec)
+        self.conv_kernel_inp: List[int] = config("CONV_KERNEL_INP", cast=Csv(int), default=(3, 3), section=sec)
+        self.emb_hidden_dim: int = config("EMB_HIDDEN_DIM", cast=int, default=256, section=sec)
+        self.emb_num_layers: int = config("EMB_NUM_LAYERS", cast=int, default=2, section=sec)
+        self.emb_gru_skip_enc: str = config("EMB_GRU_SKIP_ENC", default="none", section=sec)
+        self.emb_gru_skip: str = config("EMB_GRU_SKIP", default="none", section=sec)
+        self.df_hidden_dim: int = config("DF_HIDDEN_DIM", cast=int, default=256, section=sec)
+        self.df_gru_skip: str = config("DF_GRU_SKIP", default="none", section=sec)
+        self.df_pathway_kernel_size_t: int = config("DF_PATHWAY_KERNEL_SIZE_T", cast=int, default=1, section=sec)
+        self.enc_concat: bool = config("ENC_CONCAT", cast=bool, default=False, section=sec)
+        self.df_num_layers: int = config("DF_NUM_LAYERS", cast=int, default=3, section=sec)
+        self.df_n_iter: int = config("DF_N_ITER", cast=int, default=1, section=sec)
+        self.lin_groups: int = config("LINEAR_GROUPS", cast=int, default=1, section=sec)
+        self.enc_lin_groups: int = config("ENC_LINEAR_GROUPS", cast=int, default=16, section=sec)
+        self.mask_pf: bool = config("MASK_PF", cast=bool, default=False, section=sec)
+        self.pf_beta: float = config("PF_BETA", cast=float, default=0.02, section=sec)
+        self.lsnr_dropout: bool = config("LSNR_DROPOUT", cast=bool, default=False, section=sec)
+
+
+def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):
+    p = ModelParams()
+    if df_state is None:
+        df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb)
+    erb = erb_fb(df_state.erb_widths(), p.sr, inverse=False)
+    erb_inverse = erb_fb(df_state.erb_widths(), p.sr, inverse=True)
+    return DfNet(erb, erb_inverse, run_df, train_mask)
+
+
+class Add(nn.Module):
+    def __call__(self, a, b):
+        return a + b
+
+
+class Concat(nn.Module):
+    def __call__(self, a, b):
+        return mx.concatenate((a, b), axis=-1)
+
+
+def gru_skip(kind: str, input_size: int, output_size: int, groups: int):
+    """The skip connection around a SqueezedGRU_S selected by a `*_GRU_SKIP*` config value."""
+    if kind == "none":
+        return None
+    if kind == "identity":
+        if input_size != output_size:
+            raise ValueError(f"identity GRU skip needs equal dimensions, got {input_size} and {output_size}")
+        return Identity
+    if kind == "groupedlinear":
+        return partial(GroupedLinearEinsum, input_size=input_size, hidden_size=output_size, groups=groups)
+    raise ValueError(f"Unknown GRU skip `{kind}` (none, identity or groupedlinear)")
+
+
+class Encoder(nn.Module):
+    trace_layout = "NHWC"
+
+    def __init__(self):
+        super().__init__()
+        p = ModelParams()
+        if p.nb_erb % 4 != 0:
+            raise ValueError("erb_bins should be divisible by 4")
+        self.erb_conv0 = Conv2dNormAct(1, p.conv_ch, kernel_size=p.conv_kernel_inp, bias=False, separable=True)
+        conv_layer = partial(Conv2dNormAct, in_ch=p.conv_ch, out_ch=p.conv_ch, kernel_size=p.conv_kernel,
+                             bias=False, separable=True)
+        self.erb_conv1 = conv_layer(fstride=2)
+        self.erb_conv2 = conv_layer(fstride=2)
+        self.erb_conv3 = conv_layer(fstride=1)
+        self.df_conv0 = Conv2dNormAct(2, p.conv_ch, kernel_size=p.conv_kernel_inp, bias=False, separable=True)
+        self.df_conv1 = conv_layer(fstride=2)
+        self.erb_bins = p.nb_erb
+        self.emb_in_dim = p.conv_ch * p.nb_erb // 4
+        self.emb_dim = p.emb_hidden_dim
+        self.emb_out_dim = p.conv_ch * p.nb_erb // 4
+        df_fc_emb = GroupedLinearEinsum(p.conv_ch * p.nb_df // 2, self.emb_in_dim, groups=p.enc_lin_groups)
+        self.df_fc_emb = Sequential(df_fc_emb, nn.ReLU())
+        if p.enc_concat:
+            self.emb_in_dim *= 2
+            self.combine = Concat()
+        else:
+            self.combine = Add()
+        self.emb_n_layers = p.emb_num_layers
+        self.emb_gru = SqueezedGRU_S(
+            self.emb_in_dim,
+            self.emb_dim,
+            output_size=self.emb_out_dim,
+            num_layers=1,
+            batch_first=True,
+            gru_skip_op=gru_skip(p.emb_gru_skip_enc, self.emb_out_dim, self.emb_out_dim, p.lin_groups),
+            linear_groups=p.lin_groups,
+            linear_act_layer=nn.ReLU,
+        )
+        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), nn.Sigmoid())
+        self.lsnr_scale = p.lsnr_max - p.lsnr_min
+        self.lsnr_offset = p.lsnr_min
+
+    def __call__(self, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
+        """feat_erb [B, T, E, 1], feat_spec [B, T, F', 2] -> e0..e3, emb [B, T, D], c0, lsnr."""
+        e0 = self.erb_conv0(feat_erb)
+        e1 = self.erb_conv1(e0)
+        e2 = self.erb_conv2(e1)
+        e3 = self.erb_conv3(e2)
+        c0 = self.df_conv0(feat_spec)
+        c1 = self.df_conv1(c0)
+        b, t = c1.shape[:2]
+        cemb = self.df_fc_emb(c1.reshape(b, t, -1))
+        emb = self.combine(e3.reshape(b, t, -1), cemb)
+        emb, _ = self.emb_gru(emb)
+        lsnr = self.lsnr_fc(emb) * self.lsnr_scale + self.lsnr_offset
+        return e0, e1, e2, e3, emb, c0, lsnr
+
+
+class ErbDecoder(nn.Module):
+    trace_layout = "NHWC"
+
+    def __init__(self):
+        super().__init__()
+        p = ModelParams()
+        if p.nb_erb % 8 != 0:
+            raise ValueError("erb_bins should be divisible by 8")
+        self.emb_in_dim = p.conv_ch * p.nb_erb // 4
+        self.emb_dim = p.emb_hidden_dim
+        self.emb_out_dim = p.conv_ch * p.nb_erb // 4
+        self.emb_gru = SqueezedGRU_S(
+            self.emb_in_dim,
+            self.emb_dim,
+            output_size=self.emb_out_dim,
+            num_layers=p.emb_num_layers - 1,
+            batch_first=True,
+            gru_skip_op=gru_skip(p.emb_gru_skip, self.emb_in_dim, self.emb_out_dim, p.lin_groups),
+            linear_groups=p.lin_groups,
+            linear_act_layer=nn.ReLU,
+        )
+        tconv_layer = partial(ConvTranspose2dNormAct, kernel_size=p.convt_kernel, bias=False, separable=True)
+        conv_layer = partial(Conv2dNormAct, bias=False, separable=True)
+        self.conv3p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.convt3 = conv_layer(p.conv_ch, p.conv_ch, kernel_size=p.conv_kernel)
+        self.conv2p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.convt2 = tconv_layer(p.conv_ch, p.conv_ch, fstride=2)
+        self.conv1p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.convt1 = tconv_layer(p.conv_ch, p.conv_ch, fstride=2)
+        self.conv0p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.conv0_out = conv_layer(p.conv_ch, 1, kernel_size=p.conv_kernel, activation_layer=nn.Sigmoid)
+
+    def __call__(self, emb, e3, e2, e1, e0) -> mx.array:
+        """ERB mask [B, T, E, 1] from the embedding and the encoder maps (channels-last)."""
+        b, t, f8, _ = e3.shape
+        emb, _ = self.emb_gru(emb)
+        emb = emb.reshape(b, t, f8, -1)
+        e3 = self.convt3(self.conv3p(e3) + emb)
+        e2 = self.convt2(self.conv2p(e2) + e3)
+        e1 = self.convt1(self.conv1p(e1) + e2)
+        return self.conv0_out(self.conv0p(e0) + e1)
+
+
+class DfOutputReshapeMF(nn.Module):
+    """Coefficients [B, T, F, O*2] -> [B, O, T, F, 2] for the multi-frame filter."""
+
+    def __init__(self, df_order: int, df_bins: int):
+        super().__init__()
+        self.df_order = df_order
+        self.df_bins = df_bins
+
+    def __call__(self, coefs: mx.array) -> mx.array:
+        coefs = coefs.reshape(*coefs.shape[:-1], -1, 2)
+        return coefs.transpose(0, 3, 1, 2, 4)
+
+
+class DfDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        p = ModelParams()
+        layer_width = p.conv_ch
+        self.emb_in_dim = p.conv_ch * p.nb_erb // 4
+        self.emb_dim = p.df_hidden_dim
+        self.df_n_hidden = p.df_hidden_dim
+        self.df_n_layers = p.df_num_layers
+        self.df_order = p.df_order
+        self.df_bins = p.nb_df
+        self.df_out_ch = p.df_order * 2
+        kt = p.df_pathway_kernel_size_t
+        self.df_convp = Conv2dNormAct(layer_width, self.df_out_ch, fstride=1, kernel_size=(kt, 1),
+                                      separable=True, bias=False)
+        self.df_gru = SqueezedGRU_S(
+            self.emb_in_dim,
+            self.emb_dim,
+            num_layers=self.df_n_layers,
+            batch_first=True,
+            gru_skip_op=None,
+            linear_act_layer=nn.ReLU,
+        )
+        skip = p.df_gru_skip.lower()
+        if skip == "identity" and p.emb_hidden_dim != p.df_hidden_dim:
+            raise ValueError("identity DF GRU skip needs EMB_HIDDEN_DIM == DF_HIDDEN_DIM")
+        make_skip = gru_skip(skip, self.emb_in_dim, self.emb_dim, p.lin_groups)
+        if make_skip is not None:
+            self.df_skip = make_skip()
+        out_dim = self.df_bins * self.df_out_ch
+        self.df_out = Sequential(GroupedLinearEinsum(self.df_n_hidden, out_dim, groups=p.lin_groups), nn.Tanh())
+        self.df_fc_a = Sequential(nn.Linear(self.df_n_hidden, 1), nn.Sigmoid())
+
+    def __call__(self, emb: mx.array, c0: mx.array) -> mx.array:
+        """DF coefficients [B, T, F, O*2] from the embedding and the channels-last c0."""
+        b, t, _ = emb.shape
+        c, _ = self.df_gru(emb)
+        if "df_skip" in self:
+            c = c + self.df_skip(emb)
+        c0 = self.df_convp(c0)
+        c = self.df_out(c)
+        return c.reshape(b, t, self.df_bins, self.df_out_ch) + c0
+
+
+class DfNet(nn.Module):
+    def __init__(self, erb_fb: mx.array, erb_inv_fb: mx.array, run_df: bool = True, train_mask: bool = True):
+        super().__init__()
+        p = ModelParams()
+        if p.nb_erb % 8 != 0:
+            raise ValueError("erb_bins should be divisible by 8")
+        if p.df_n_iter != 1:
+            raise ValueError("DeepFilterNet3 supports DF_N_ITER = 1 only")
+        self.df_lookahead = p.df_lookahead
+        self.conv_lookahead = p.conv_lookahead
+        self.nb_df = p.nb_df
+        self.freq_bins: int = p.fft_size // 2 + 1
+        self.emb_dim: int = p.conv_ch * p.nb_erb
+        self.erb_bins: int = p.nb_erb
+        if p.conv_lookahead > 0:
+            if p.conv_lookahead < p.df_lookahead:
+                raise ValueError("CONV_LOOKAHEAD must be >= DF_LOOKAHEAD")
+            self.pad_feat = ConstantPad2d((0, 0, -p.conv_lookahead, p.conv_lookahead), 0.0)
+        else:
+            self.pad_feat = Identity()
+            self.pad_feat.trace_layout = "NHWC"
+        self.erb_fb = erb_fb
+        self.freeze(keys=["erb_fb"], recurse=False)
+        self.enc = Encoder()
+        self.erb_dec = ErbDecoder()
+        self.mask = Mask(erb_inv_fb)
+        self.post_filter = p.mask_pf
+        self.post_filter_beta = p.pf_beta
+        self.df_order = p.df_order
+        self.df_op = MF.DF(num_freqs=p.nb_df, frame_size=p.df_order, lookahead=self.df_lookahead)
+        self.df_dec = DfDecoder()
+        self.df_out_transform = DfOutputReshapeMF(self.df_order, p.nb_df)
+        self.run_erb = p.nb_df + 1 < self.freq_bins
+        if not self.run_erb:
+            logger.warning("Running without ERB stage")
+        self.run_df = run_df
+        if not run_df:
+            logger.warning("Running without DF stage")
+        self.train_mask = train_mask
+        self.lsnr_droput = p.lsnr_dropout
+
+    def __call__(self, spec: mx.array, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
+        """spec [B, 1, T, F, 2], feat_erb [B, 1, T, E], feat_spec [B, 1, T, F', 2] ->
+        enhanced spec [B, 1, T, F, 2], ERB mask [B, 1, T, E], lsnr [B, T, 1],
+        DF coefficients [B, O, T, F', 2]."""
+        feat_erb = self.pad_feat(feat_erb.transpose(0, 2, 3, 1))
+        feat_spec = self.pad_feat(feat_spec[:, 0])
+        m, lsnr, df_coefs = self.estimate(feat_erb, feat_spec, spec.shape[2])
+        return self.apply_stages(spec, m, df_coefs), m, lsnr, df_coefs
+
+    def estimate(self, feat_erb: mx.array, feat_spec: mx.array, frames: int) -> Tuple[mx.array, ...]:
+        """The causal network: channels-last features [B, T, E, 1], [B, T, F', 2] (already
+        shifted by the conv lookahead) -> ERB mask [B, 1, T, E], lsnr, DF coefficients."""
+        e0, e1, e2, e3, emb, c0, lsnr = self.enc(feat_erb, feat_spec)
+        keep = None
+        if self.lsnr_droput:
+            keep = _frames_above(lsnr, -10.0)
+            emb, e0, e1, e2, e3, c0 = (x[:, keep] for x in (emb, e0, e1, e2, e3, c0))
+        m = df_coefs = mx.zeros(())
+        if self.run_erb:
+            m = self.erb_dec(emb, e3, e2, e1, e0).transpose(0, 3, 1, 2)
+            if keep is not None:
+                m = _scatter_frames(m, keep, frames, axis=2)
+        if self.run_df:
+            df_coefs = self.df_dec(emb, c0)
+            if keep is not None:
+                df_coefs = _scatter_frames(df_coefs, keep, frames, axis=1)
+            df_coefs = self.df_out_transform(df_coefs)
+        return m, lsnr, df_coefs
+
+    def apply_stages(self, spec: mx.array, m: mx.array, df_coefs: mx.array) -> mx.array:
+        """ERB mask on all bins, deep filter on the lowest nb_df, then the post-filter."""
+        spec_m = self.mask(spec, m) if self.run_erb else mx.zeros_like(spec)
+        if self.run_df:
+            spec_e = self.df_op(spec, df_coefs)
+            spec_e = mx.concatenate([spec_e[..., : self.nb_df, :], spec_m[..., self.nb_df :, :]], axis=-2)
+        else:
+            spec_e = spec_m
+        if self.post_filter:
+            spec_e = spec_e * post_filter_gain(spec_e, spec, self.post_filter_beta)[..., None]
+        return spec_e
+
+
+def post_filter_gain(spec_e: mx.array, spec: mx.array, beta: float, eps: float = 1e-12) -> mx.array:
+    """DFN3's output post-filter gain per bin, from the enhanced/noisy magnitude ratio."""
+    mag = lambda x: mx.sqrt(mx.sum(mx.square(x), axis=-1))  # noqa: E731
+    mask = mx.clip(mag(spec_e) / (mag(spec) + eps), eps, 1)
+    mask_sin = mx.maximum(mask * mx.sin(PI * mask / 2), eps)
+    return (1 + beta) / (1 + beta * mx.square(mask / mask_sin))
+
+
+def _frames_above(lsnr: mx.array, threshold: float) -> mx.array:
+    """Frame indices whose lsnr exceeds `threshold` (df's lsnr dropout; batch size 1, as df)."""
+    above = np.array(lsnr).squeeze() > threshold
+    if above.ndim != 1:
+        raise ValueError("LSNR_DROPOUT works with batch size 1 only (as in df)")
+    return mx.array(np.nonzero(above)[0])
+
+
+def _scatter_frames(x: mx.array, keep: mx.array, t: int, axis: int) -> mx.array:
+    """Zeros of `t` frames along `axis` with the kept frames filled from `x`."""
+    shape = list(x.shape)
+    shape[axis] = t
+    out = mx.zeros(shape, dtype=x.dtype)
+    index = (slice(None),) * axis + (keep,)
+    out[index] = x
+    return out
