@@ -12,9 +12,13 @@ def main():
 
 
 def _register():
+    from converters.cli import convert_cmd, export_cmd
+    from df_mlx.demo import demo_cmd
+    from df_mlx.enhance_cli import enhance_cmd
     from parity.cli import parity
 
-    main.add_command(parity)
+    for command in (demo_cmd, enhance_cmd, convert_cmd, export_cmd, parity):
+        main.add_command(command)
 
 
 _register()

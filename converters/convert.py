@@ -1,0 +1,209 @@
+"""Upstream DeepFilterNet checkpoints -> df-mlx converted-model directories, and back.
+
+Sources: an upstream model directory (`config.ini` + `checkpoints/model_*.ckpt[.best]`), a
+release zip holding one, a bare `.ckpt`/`.pt` state dict (with `--config`, or the family
+detected from its keys at that family's default config), or the official DeepFilterNet3 ONNX
+release tarball (`converters.onnx_dfn3`). Every tensor must land on a
+parameter of the model the config describes: unknown, missing or mis-shaped tensors are an
+error naming them.
+"""
+
+import glob
+import hashlib
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from converters.layout import LayoutError, mlx_state_dict, torch_to_mlx
+from converters.torch_ckpt import CheckpointError, read_state_dict, write_state_dict
+
+FAMILIES = ("deepfilternet3",)
+CONVERTER_VERSION = "1"
+# The upstream layout this converter maps (state_dict names and shapes of deepfilternet 0.5.6).
+REFERENCE_VERSION = "deepfilternet 0.5.6"
+# Keys upstream's own `read_cp` ignores when loading (GRU initial states of old releases).
+IGNORED_SUFFIXES = (".h0",)
+IGNORED_PARTS = ("erb_comp",)
+
+
+@dataclass
+class Source:
+    checkpoint: Path
+    config_text: Optional[str]
+    description: str
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    family: str
+    source: str
+    tensors: int
+    parameters: int
+    ignored: List[str]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pick_checkpoint(cp_dir: Path, epoch: Union[str, int]) -> Path:
+    """Upstream `read_cp`'s choice: the best (or latest, or a given epoch) `model_*.ckpt`."""
+    from df_mlx.checkpoint import get_epoch
+
+    cps: List[str] = []
+    if epoch == "best":
+        cps = glob.glob(str(cp_dir / "model*.ckpt.best"))
+    if not cps:
+        cps = glob.glob(str(cp_dir / "model*.ckpt")) + glob.glob(str(cp_dir / "model*.ckpt.best"))
+    if not cps:
+        raise CheckpointError(f"no checkpoints/model_*.ckpt in {cp_dir.parent}")
+    if isinstance(epoch, int):
+        match = [c for c in cps if get_epoch(c) == epoch]
+        if not match:
+            raise CheckpointError(f"no checkpoint of epoch {epoch} in {cp_dir}")
+        return Path(match[0])
+    return Path(max(cps, key=get_epoch))
+
+
+def _model_dir_source(root: Path, epoch) -> Source:
+    cp_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    cp = _pick_checkpoint(cp_dir, epoch)
+    return Source(cp, (root / "config.ini").read_text(), f"{root.name}/{cp.relative_to(root)}")
+
+
+def find_source(src: Path, epoch, config_path: Optional[Path], tmp: Path) -> Source:
+    src = Path(src)
+    if not src.exists():
+        raise CheckpointError(f"source not found: {src}")
+    override = Path(config_path).read_text() if config_path else None
+    if src.is_dir():
+        if not (src / "config.ini").is_file() and override is None:
+            raise CheckpointError(f"{src} has no config.ini (pass --config)")
+        found = _model_dir_source(src, epoch) if (src / "config.ini").is_file() else Source(
+            _pick_checkpoint(src, epoch), None, src.name)
+    elif zipfile.is_zipfile(src) and src.suffix == ".zip":
+        with zipfile.ZipFile(src) as z:
+            z.extractall(tmp)
+        roots = [Path(p).parent for p in glob.glob(str(tmp / "**" / "config.ini"), recursive=True)]
+        if len(roots) != 1:
+            raise CheckpointError(f"{src.name} must hold exactly one model directory with config.ini, found {len(roots)}")
+        found = _model_dir_source(roots[0], epoch)
+        found.description = f"{src.name}:{found.description}"
+    else:
+        found = Source(src, None, src.name)
+    if override is not None:
+        found.config_text = override
+    return found
+
+
+def _load_config(text: str, tmp: Path):
+    from df_mlx.config import config
+
+    path = tmp / "config.ini"
+    path.write_text(text)
+    config.load(str(path), config_must_exist=True, allow_defaults=True, allow_reload=True)
+    family = config("MODEL", default="deepfilternet3", section="train")
+    if family not in FAMILIES:
+        raise CheckpointError(f"model family `{family}` is not supported yet (supported: {', '.join(FAMILIES)})")
+    return family
+
+
+def _build():
+    """The model the global config describes."""
+    from df_mlx.model import init_model
+
+    return init_model()
+
+
+def _split_ignored(state: Dict[str, np.ndarray]) -> Tuple[Dict[str, np.ndarray], List[str]]:
+    ignored = [k for k in state if k.endswith(IGNORED_SUFFIXES) or any(p in k for p in IGNORED_PARTS)]
+    return {k: v for k, v in state.items() if k not in ignored}, ignored
+
+
+def _fit(state: Dict[str, np.ndarray], config_text: Optional[str], tmp: Path):
+    """Build the model the config names (or, without config, the family whose default
+    config fits the keys) and map the tensors onto it."""
+    if config_text is not None:
+        family = _load_config(config_text, tmp)
+        model = _build()
+        return family, model, torch_to_mlx(model, state)
+    errors = []
+    for family in FAMILIES:
+        _load_config(f"[train]\nmodel = {family}\n", tmp)
+        model = _build()
+        try:
+            return family, model, torch_to_mlx(model, state)
+        except LayoutError as e:
+            errors.append(f"{family}: {e}")
+    raise CheckpointError("no config given and the weights fit no family at its default config "
+                          f"(pass --config): {errors[0]}")
+
+
+def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None,
+            overwrite: bool = False) -> ConvertResult:
+    """Convert `src` into a converted-model directory (default: `<src name>_mlx` beside it)."""
+    import mlx.core as mx
+
+    from df_mlx.checkpoint import write_model_dir
+
+    src = Path(src)
+    out_dir = Path(out_dir) if out_dir else src.parent / f"{src.name.split('.')[0]}_mlx"
+    if out_dir.exists() and not overwrite:
+        raise CheckpointError(f"output directory already exists: {out_dir} (use --overwrite)")
+    if src.name.endswith((".tar.gz", ".tgz")):  # the official DeepFilterNet3 ONNX release
+        from converters.onnx_dfn3 import convert_onnx_release
+
+        if config_path is not None:
+            raise CheckpointError(f"{src.name} brings its own config.ini (drop --config)")
+        return convert_onnx_release(src, out_dir, overwrite)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = find_source(src, epoch, config_path, tmp)
+        state, ignored = _split_ignored(read_state_dict(source.checkpoint))
+        try:
+            family, model, weights = _fit(state, source.config_text, tmp)
+        except LayoutError as e:
+            raise CheckpointError(f"{source.description}: {e}") from None
+        model.load_weights(weights, strict=True)
+        mx.eval(model.parameters())
+        meta = {
+            "family": family,
+            "source": source.description,
+            "source_sha256": sha256(source.checkpoint),
+            "reference_version": REFERENCE_VERSION,
+            "converter_version": CONVERTER_VERSION,
+        }
+        write_model_dir(model, out_dir, meta, overwrite=overwrite)
+    n_params = int(sum(v.size for v in state.values() if not np.issubdtype(v.dtype, np.integer)))
+    return ConvertResult(out_dir, family, source.description, len(state), n_params, ignored)
+
+
+def export(model_dir, out_path, overwrite: bool = False) -> Path:
+    """Write a converted model's weights as a PyTorch state dict (`torch.load` +
+    `load_state_dict(strict=True)` in upstream `df`), atomically."""
+    from df_mlx.checkpoint import load_model_dir
+
+    out_path = Path(out_path)
+    if out_path.exists() and not overwrite:
+        raise CheckpointError(f"output file already exists: {out_path} (use --overwrite)")
+    model, _ = load_model_dir(model_dir)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    os.close(fd)
+    try:
+        write_state_dict(mlx_state_dict(model), Path(tmp))
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path

@@ -1,0 +1,138 @@
+"""`dfmlx convert` / `dfmlx export` on good and bad inputs (no reference needed; torch is)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+
+from converters.layout import mlx_state_dict  # noqa: E402
+from converters.torch_ckpt import write_state_dict  # noqa: E402
+from df_mlx.cli import main  # noqa: E402
+from df_mlx.config import config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def default_config():
+    config.use_defaults(allow_reload=True)
+    yield
+    config.use_defaults(allow_reload=True)
+
+
+@pytest.fixture(scope="module")
+def dfn3_state():
+    """A DFN3 state dict at the default config, in torch layout."""
+    from df_mlx.config import config as cfg
+    from df_mlx.deepfilternet3 import init_model
+
+    cfg.use_defaults(allow_reload=True)
+    return mlx_state_dict(init_model())
+
+
+def _model_dir(root: Path, state, config_text="[train]\nmodel = deepfilternet3\n") -> Path:
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "config.ini").write_text(config_text)
+    write_state_dict(state, root / "checkpoints" / "model_7.ckpt")
+    return root
+
+
+def _convert(*args):
+    return CliRunner().invoke(main, ["convert", *map(str, args)])
+
+
+def test_convert_model_dir_and_load(tmp_path, dfn3_state):
+    from df_mlx.checkpoint import load_model_dir
+
+    src = _model_dir(tmp_path / "DFN3", dfn3_state)
+    result = _convert(src, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "deepfilternet3" in result.output and "model_7.ckpt" in result.output
+    model, meta = load_model_dir(tmp_path / "out")
+    assert meta["family"] == "deepfilternet3" and len(meta["source_sha256"]) == 64
+    back = mlx_state_dict(model)
+    assert set(back) == set(dfn3_state)
+    for k, v in dfn3_state.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_bare_checkpoint_detects_family(tmp_path, dfn3_state):
+    write_state_dict(dfn3_state, tmp_path / "weights.pt")
+    result = _convert(tmp_path / "weights.pt", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_export_round_trip(tmp_path, dfn3_state):
+    src = _model_dir(tmp_path / "DFN3", dfn3_state)
+    assert _convert(src, "-o", tmp_path / "out").exit_code == 0
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "out"), "-o", str(tmp_path / "back.ckpt")])
+    assert result.exit_code == 0, result.output
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)
+    assert set(back) == set(dfn3_state)
+    for k, v in dfn3_state.items():
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/dfmlx_pwned",))
+
+
+def _bad_cases(tmp_path: Path, state):
+    """(name, path to convert, expected message part)."""
+    good = tmp_path / "good.pt"
+    write_state_dict(state, good)
+    data = good.read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save({"x": _Evil()}, tmp_path / "evil.pt")
+    write_state_dict({"foo.weight": np.zeros((3, 3), np.float32)}, tmp_path / "other_family.pt")
+    missing = dict(state)
+    missing.pop("enc.lsnr_fc.0.bias")
+    write_state_dict(missing, tmp_path / "missing.pt")
+    extra = dict(state, **{"enc.extra.weight": np.zeros(2, np.float32)})
+    write_state_dict(extra, tmp_path / "extra.pt")
+    shaped = dict(state, **{"enc.lsnr_fc.0.weight": np.zeros((1, 7), np.float32)})
+    write_state_dict(shaped, tmp_path / "shaped.pt")
+    mismatch = _model_dir(tmp_path / "mismatch", state, "[train]\nmodel = deepfilternet3\n[deepfilternet]\nconv_ch = 8\n")
+    unsupported = _model_dir(tmp_path / "dfn1", state, "[train]\nmodel = deepfilternet\n")
+    return [
+        ("missing_file", tmp_path / "absent.pt", "not found"),
+        ("truncated", tmp_path / "truncated.pt", "not a readable PyTorch checkpoint"),
+        ("random_bytes", tmp_path / "random.pt", "not a readable PyTorch checkpoint"),
+        ("code_pickle", tmp_path / "evil.pt", "refusing to load"),
+        ("other_family", tmp_path / "other_family.pt", "fit no family"),
+        ("missing_key", tmp_path / "missing.pt", "missing enc.lsnr_fc.0.bias"),
+        ("extra_key", tmp_path / "extra.pt", "unexpected enc.extra.weight"),
+        ("mis_shaped", tmp_path / "shaped.pt", "enc.lsnr_fc.0.weight: shape (1, 7)"),
+        ("config_mismatch", mismatch, "does not fit the model"),
+        ("unsupported_family", unsupported, "not supported"),
+    ]
+
+
+def test_bad_checkpoints_fail_cleanly(tmp_path, dfn3_state):
+    for name, path, message in _bad_cases(tmp_path, dfn3_state):
+        out = tmp_path / f"out_{name}"
+        result = _convert(path, "-o", out)
+        assert result.exit_code == 1, (name, result.output)
+        error = result.output.strip().splitlines()[-1]
+        assert error.startswith("Error: ") and message in error, (name, result.output)
+        assert not out.exists(), name
+        assert not list(tmp_path.glob(f".out_{name}*")), name
+    assert not Path("/tmp/dfmlx_pwned").exists()
+
+
+def test_existing_output_is_not_overwritten(tmp_path, dfn3_state):
+    write_state_dict(dfn3_state, tmp_path / "w.pt")
+    (tmp_path / "out").mkdir()
+    result = _convert(tmp_path / "w.pt", "-o", tmp_path / "out")
+    assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_export_of_non_model_dir_fails(tmp_path):
+    result = CliRunner().invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "x.ckpt")])
+    assert result.exit_code == 1 and "is not a converted model" in result.output
+    assert not (tmp_path / "x.ckpt").exists()
