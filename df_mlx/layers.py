@@ -132,6 +132,9 @@ class GRU(nn.Module):
             x, h0 = x[:, None], None if h0 is None else h0[:, None]
         elif self.batch_first:
             x = x.swapaxes(0, 1)
+        stream = getattr(self, "stream", None)
+        if h0 is None and stream is not None and stream.state is not None:
+            h0 = stream.state
         if h0 is None:
             h0 = mx.zeros((self.num_layers * self.num_directions, x.shape[1], self.hidden_size), x.dtype)
         h_n = []
@@ -147,6 +150,8 @@ class GRU(nn.Module):
                 h_n.append(h)
             x = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
         h_n = mx.stack(h_n)
+        if stream is not None:
+            stream.state = h_n
         if not batched:
             return x[:, 0], h_n[:, 0]
         return (x.swapaxes(0, 1) if self.batch_first else x), h_n
@@ -258,7 +263,23 @@ class ConstantPad2d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         left, right, top, bottom = self.padding
-        return pad_axis(pad_axis(x, 2, left, right, self.value), 1, top, bottom, self.value)
+        x = pad_axis(x, 2, left, right, self.value)
+        stream = getattr(self, "stream", None)
+        if stream is None:
+            return pad_axis(x, 1, top, bottom, self.value)
+        # Streaming: the past frames come from the previous call instead of zeros.
+        past = stream.state if stream.state is not None else pad_axis(x[:, :0], 1, top, 0, self.value)
+        x = mx.concatenate([past, x], axis=1)
+        stream.state = x[:, x.shape[1] - top :]
+        return x
+
+
+class StreamState:
+    """The state one layer carries from one call to the next while streaming (`layer.stream`):
+    a GRU's hidden state, a causal pad's past frames. None until the first call."""
+
+    def __init__(self):
+        self.state = None
 
 
 def pad_axis(x: mx.array, axis: int, before: int, after: int, value: float = 0.0) -> mx.array:

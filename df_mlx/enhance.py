@@ -1,0 +1,136 @@
+"""Speech enhancement with a DeepFilterNet model, as `df.enhance`.
+
+`init_df` loads a converted model directory (or converts an upstream model directory on the
+fly when torch is installed; with no argument, the embedded pretrained DeepFilterNet3), and
+`enhance` runs the whole offline pipeline: STFT, features, model, attenuation limit, ISTFT.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import mlx.core as mx
+import numpy as np
+from loguru import logger
+
+from df_mlx.checkpoint import is_model_dir, load_model_dir
+from df_mlx.config import config
+from df_mlx.libdf import DF, erb, erb_norm, unit_norm
+from df_mlx.logger import init_logger
+from df_mlx.model import ModelParams
+from df_mlx.utils import get_device, get_norm_alpha
+
+PRETRAINED_MODELS = ("DeepFilterNet3",)
+DEFAULT_MODEL = "DeepFilterNet3"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+
+
+def get_model_basedir(m: Optional[str]) -> str:
+    """A pretrained model's name -> its embedded directory; anything else is a path."""
+    m = m or DEFAULT_MODEL
+    if m in PRETRAINED_MODELS:
+        path = PRETRAINED_DIR / m
+        if not is_model_dir(path):
+            raise FileNotFoundError(f"the embedded {m} model is missing from {PRETRAINED_DIR}")
+        return str(path)
+    return m
+
+
+def _converted_dir(model_base_dir: str, epoch) -> Tuple[str, Optional[tempfile.TemporaryDirectory]]:
+    """A converted-model directory for `model_base_dir`: itself, or an upstream model
+    directory converted into a temporary one."""
+    if is_model_dir(model_base_dir):
+        return model_base_dir, None
+    if not os.path.isfile(os.path.join(model_base_dir, "config.ini")):
+        raise FileNotFoundError(f"no model at {model_base_dir} (needs config.ini and model.safetensors, "
+                                "or an upstream config.ini + checkpoints/)")
+    from converters.convert import convert
+
+    tmp = tempfile.TemporaryDirectory(prefix="dfmlx-")
+    out = os.path.join(tmp.name, "model")
+    convert(model_base_dir, out, epoch="best" if epoch is None else epoch)
+    return out, tmp
+
+
+def init_df(
+    model_base_dir: Optional[str] = None,
+    post_filter: bool = False,
+    log_level: str = "INFO",
+    log_file: Optional[str] = "enhance.log",
+    config_allow_defaults: bool = True,
+    epoch: Union[str, int, None] = "best",
+    default_model: str = DEFAULT_MODEL,
+    mask_only: bool = False,
+):
+    """Load config, model and DF state. Returns (model, df_state, suffix); the suffix is the
+    model directory's name (+ "_pf" with the post-filter), for naming enhanced files."""
+    use_default_model = model_base_dir is None or model_base_dir in PRETRAINED_MODELS
+    model_base_dir = get_model_basedir(model_base_dir or default_model)
+    if not os.path.isdir(model_base_dir):
+        raise NotADirectoryError(f"Base directory not found at {model_base_dir}")
+    writable = not use_default_model and os.access(model_base_dir, os.W_OK)
+    log_file = os.path.join(model_base_dir, log_file) if log_file is not None and writable else None
+    init_logger(file=log_file, level=log_level, model=model_base_dir)
+    if use_default_model:
+        logger.info(f"Using {default_model} model at {model_base_dir}")
+    model_dir, tmp = _converted_dir(model_base_dir, epoch)
+    try:
+        config.load(os.path.join(model_dir, "config.ini"), config_must_exist=True,
+                    allow_defaults=config_allow_defaults, allow_reload=True)
+        if post_filter:
+            config.set("mask_pf", True, bool, ModelParams().section)
+            logger.info("Running with post-filter")
+        mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
+        model, _ = load_model_dir(model_dir, run_df=not mask_only, load_config=False)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    p = ModelParams()
+    df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
+                  min_nb_erb_freqs=p.min_nb_freqs)
+    suffix = os.path.basename(os.path.abspath(model_base_dir)) + ("_pf" if post_filter else "")
+    logger.info(f"Running on device {get_device()}")
+    logger.info("Model loaded")
+    return model, df_state, suffix
+
+
+def df_features(audio, df: DF, nb_df: int, device=None) -> Tuple[mx.array, mx.array, mx.array]:
+    """Audio [C, T] -> spec [C, 1, T', F, 2], ERB features [C, 1, T', E], normalised complex
+    features [C, 1, T', nb_df, 2], exactly as df computes them with libdf."""
+    spec = df.analysis(np.asarray(audio, dtype=np.float32))
+    a = get_norm_alpha(False)
+    erb_feat = erb_norm(erb(spec, df.erb_widths()), a)[:, None]
+    spec_feat = _as_real(unit_norm(spec[..., :nb_df], a))[:, None]
+    return mx.array(_as_real(spec)[:, None]), mx.array(erb_feat), mx.array(spec_feat)
+
+
+def _as_real(x: np.ndarray) -> np.ndarray:
+    return np.stack([x.real, x.imag], axis=-1).astype(np.float32)
+
+
+def enhance(model, df_state: DF, audio, pad=True, atten_lim_db: Optional[float] = None) -> mx.array:
+    """Enhance audio [C, T] at the model's rate. With `pad` the output is aligned with the
+    input and has its length (the STFT delay fft_size - hop_size is compensated); an
+    attenuation limit (dB) mixes the noisy spectrum back in."""
+    model.eval()
+    audio = np.asarray(audio, dtype=np.float32)
+    orig_len = audio.shape[-1]
+    n_fft, hop = df_state.fft_size(), df_state.hop_size()
+    if pad:
+        audio = np.pad(audio, ((0, 0), (0, n_fft)))
+    nb_df = getattr(model, "nb_df", getattr(model, "df_bins", ModelParams().nb_df))
+    spec, erb_feat, spec_feat = df_features(audio, df_state, nb_df)
+    enhanced = np.array(model(spec, erb_feat, spec_feat)[0])[:, 0]
+    enhanced = enhanced[..., 0] + 1j * enhanced[..., 1]
+    if atten_lim_db is not None and abs(atten_lim_db) > 0:
+        lim = 10 ** (-abs(atten_lim_db) / 20)
+        noisy = np.array(spec)[:, 0]
+        enhanced = (noisy[..., 0] + 1j * noisy[..., 1]) * lim + enhanced * (1 - lim)
+    out = df_state.synthesis(enhanced.astype(np.complex64))
+    if pad:
+        if n_fft % hop != 0:
+            raise ValueError(f"delay compensation needs fft_size % hop_size == 0, got {n_fft}, {hop}")
+        d = n_fft - hop
+        out = out[:, d : orig_len + d]
+    return mx.array(out)

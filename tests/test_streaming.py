@@ -1,0 +1,91 @@
+"""Streaming enhancement equals offline enhancement for any chunking."""
+
+import numpy as np
+import pytest
+
+from df_mlx.config import config
+from df_mlx.enhance import enhance
+from df_mlx.libdf import DF
+from df_mlx.streaming import StreamingEnhancer
+
+# Streaming runs the same float32 layers on different frame blocks: matmul blocking and the
+# FFT of different block sizes round differently, never more than a few float32 ulps.
+ATOL = 2e-6
+
+RELEASE_LIKE = """[train]
+model = deepfilternet3
+[df]
+df_lookahead = 2
+[deepfilternet]
+conv_lookahead = 2
+conv_ch = 16
+emb_hidden_dim = 64
+df_hidden_dim = 64
+conv_kernel = 2,3
+df_pathway_kernel_size_t = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import mlx.core as mx
+
+    from df_mlx.deepfilternet3 import init_model
+
+    path = tmp_path_factory.mktemp("cfg") / "config.ini"
+    path.write_text(RELEASE_LIKE)
+    config.load(str(path), allow_reload=True)
+    mx.random.seed(0)
+    model = init_model()
+    df_state = DF(48000, 960, 480, 32, 2)
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal((2, 48000 + 123)) * 0.1).astype(np.float32)
+    offline = np.array(enhance(model, df_state, audio, pad=True))
+    offline_nopad = np.array(enhance(model, df_state, audio, pad=False))
+    yield model, df_state, audio, offline, offline_nopad
+    config.use_defaults(allow_reload=True)
+
+
+def _stream(model, df_state, audio, chunk, atten=None):
+    s = StreamingEnhancer(model, df_state, atten)
+    parts = [s.process(audio[:, i : i + chunk]) for i in range(0, audio.shape[1], chunk)]
+    return np.concatenate(parts + [s.flush()], axis=1), s
+
+
+@pytest.mark.parametrize("chunk", [1, 479, 480, 4096, 100000])
+def test_stream_equals_offline(setup, chunk):
+    model, df_state, audio, offline, offline_nopad = setup
+    out, s = _stream(model, df_state, audio, chunk)
+    d = df_state.fft_size() - df_state.hop_size()
+    np.testing.assert_allclose(out[:, d : d + audio.shape[1]], offline, atol=ATOL)
+    # Without padding, offline's last lookahead frames see zero features where the stream saw
+    # the flushed signal; every earlier sample is the same.
+    n = offline_nopad.shape[1] - 4 * df_state.hop_size()
+    np.testing.assert_allclose(out[:, :n], offline_nopad[:, :n], atol=ATOL)
+
+
+def test_stream_is_causal_with_stated_latency(setup):
+    """Output produced before the end only depends on input up to `latency` samples later."""
+    model, df_state, audio, _, _ = setup
+    s = StreamingEnhancer(model, df_state)
+    first = s.process(audio[:, :20000])
+    s2 = StreamingEnhancer(model, df_state)
+    changed = audio.copy()
+    changed[:, 20000:] = 0
+    again = s2.process(changed[:, :20000])
+    np.testing.assert_array_equal(first, again)
+    assert first.shape[1] >= 20000 - s.latency
+
+
+def test_attenuation_limit_streams(setup):
+    model, df_state, audio, _, _ = setup
+    out, _ = _stream(model, df_state, audio, 4096, atten=12.0)
+    offline = np.array(enhance(model, df_state, audio, pad=True, atten_lim_db=12.0))
+    d = df_state.fft_size() - df_state.hop_size()
+    np.testing.assert_allclose(out[:, d : d + audio.shape[1]], offline, atol=ATOL)
+
+
+def test_bad_chunk_shape(setup):
+    model, df_state, *_ = setup
+    with pytest.raises(ValueError, match="chunks must be"):
+        StreamingEnhancer(model, df_state).process(np.zeros(480, np.float32))
