@@ -189,8 +189,48 @@ class Conv2d(nn.Module):
             self.bias = _uniform((out_channels,), fan_in)
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+        y = conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
         return y + self.bias if "bias" in self else y
+
+
+# Above this many kernel taps a convolution goes to mx.conv2d rather than shifted products.
+_MAX_SHIFTED_TAPS = 16
+
+
+def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> mx.array:
+    """`mx.conv2d` semantics (NHWC, weight [O, kH, kW, I/groups]) for DeepFilterNet's small
+    kernels, computed as one matmul per group over the kernel's taps (im2col), or as shifted
+    multiply-adds when depthwise: MLX's CPU grouped and depthwise convolutions are 10-100x
+    slower than these."""
+    out_ch, kh, kw, in_per_group = w.shape
+    if kh * kw > _MAX_SHIFTED_TAPS:
+        return mx.conv2d(x, w, stride, padding, dilation, groups)
+    (sh, sw), (dh, dw) = stride, dilation
+    x = mx.pad(x, [(0, 0), (padding[0], padding[0]), (padding[1], padding[1]), (0, 0)]) if any(padding) else x
+    h_out = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1
+    w_out = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+    taps = [x[:, i * dh : i * dh + (h_out - 1) * sh + 1 : sh, j * dw : j * dw + (w_out - 1) * sw + 1 : sw]
+            for i in range(kh) for j in range(kw)]
+    if groups == x.shape[-1] == out_ch and in_per_group == 1:  # depthwise
+        y = taps[0] * w[:, 0, 0, 0]
+        for k, tap in enumerate(taps[1:], start=1):
+            y = y + tap * w[:, k // kw, k % kw, 0]
+        return y
+    out_per_group = out_ch // groups
+    outs = []
+    for g in range(groups):
+        group_taps = [t[..., g * in_per_group : (g + 1) * in_per_group] for t in taps] if groups > 1 else taps
+        w_g = w[g * out_per_group : (g + 1) * out_per_group]
+        if out_per_group <= in_per_group:  # narrow output: sum the taps' products
+            y = None
+            for k, tap in enumerate(group_taps):
+                term = tap @ w_g[:, k // kw, k % kw, :].T
+                y = term if y is None else y + term
+            outs.append(y)
+        else:  # wide output: one matmul over all taps stacked along channels (im2col)
+            cols = group_taps[0] if len(group_taps) == 1 else mx.concatenate(group_taps, axis=-1)
+            outs.append(cols @ w_g.reshape(out_per_group, -1).T)
+    return outs[0] if groups == 1 else mx.concatenate(outs, axis=-1)
 
 
 class ConvTranspose2d(nn.Module):
