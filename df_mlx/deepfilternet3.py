@@ -94,11 +94,14 @@ def gru_skip(kind: str, input_size: int, output_size: int, groups: int):
 
 
 class Encoder(nn.Module):
+    """ERB and complex-feature conv stacks, their fused embedding through a GRU, and the local
+    SNR head. DeepFilterNet2 reuses the stacks with its own embedding (`_build_embedding`)."""
+
     trace_layout = "NHWC"
 
     def __init__(self):
         super().__init__()
-        p = ModelParams()
+        p = self.params()
         if p.nb_erb % 4 != 0:
             raise ValueError("erb_bins should be divisible by 4")
         self.erb_conv0 = Conv2dNormAct(1, p.conv_ch, kernel_size=p.conv_kernel_inp, bias=False, separable=True)
@@ -111,17 +114,30 @@ class Encoder(nn.Module):
         self.df_conv1 = conv_layer(fstride=2)
         self.erb_bins = p.nb_erb
         self.emb_in_dim = p.conv_ch * p.nb_erb // 4
-        self.emb_dim = p.emb_hidden_dim
-        self.emb_out_dim = p.conv_ch * p.nb_erb // 4
-        df_fc_emb = GroupedLinearEinsum(p.conv_ch * p.nb_df // 2, self.emb_in_dim, groups=p.enc_lin_groups)
-        self.df_fc_emb = Sequential(df_fc_emb, nn.ReLU())
+        self._build_embedding(p)
         if p.enc_concat:
             self.emb_in_dim *= 2
             self.combine = Concat()
         else:
             self.combine = Add()
         self.emb_n_layers = p.emb_num_layers
-        self.emb_gru = SqueezedGRU_S(
+        self.emb_gru = self._build_gru(p)
+        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), nn.Sigmoid())
+        self.lsnr_scale = p.lsnr_max - p.lsnr_min
+        self.lsnr_offset = p.lsnr_min
+
+    @staticmethod
+    def params():
+        return ModelParams()
+
+    def _build_embedding(self, p):
+        self.emb_dim = p.emb_hidden_dim
+        self.emb_out_dim = p.conv_ch * p.nb_erb // 4
+        df_fc_emb = GroupedLinearEinsum(p.conv_ch * p.nb_df // 2, self.emb_in_dim, groups=p.enc_lin_groups)
+        self.df_fc_emb = Sequential(df_fc_emb, nn.ReLU())
+
+    def _build_gru(self, p):
+        return SqueezedGRU_S(
             self.emb_in_dim,
             self.emb_dim,
             output_size=self.emb_out_dim,
@@ -131,9 +147,6 @@ class Encoder(nn.Module):
             linear_groups=p.lin_groups,
             linear_act_layer=nn.ReLU,
         )
-        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), nn.Sigmoid())
-        self.lsnr_scale = p.lsnr_max - p.lsnr_min
-        self.lsnr_offset = p.lsnr_min
 
     def __call__(self, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
         """feat_erb [B, T, E, 1], feat_spec [B, T, F', 2] -> e0..e3, emb [B, T, D], c0, lsnr."""
@@ -152,13 +165,37 @@ class Encoder(nn.Module):
 
 
 class ErbDecoder(nn.Module):
+    """GRU over the embedding, then pathway convs and transposed convs up to the ERB mask.
+    DeepFilterNet2 reuses the conv path with its own GRU block (`_build_gru`)."""
+
     trace_layout = "NHWC"
 
     def __init__(self):
         super().__init__()
-        p = ModelParams()
+        p = self.params()
         if p.nb_erb % 8 != 0:
             raise ValueError("erb_bins should be divisible by 8")
+        self._build_gru(p)
+        tconv_layer = partial(ConvTranspose2dNormAct, kernel_size=self._tconv_kernel(p), bias=False, separable=True)
+        conv_layer = partial(Conv2dNormAct, bias=False, separable=True)
+        self.conv3p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.convt3 = conv_layer(p.conv_ch, p.conv_ch, kernel_size=p.conv_kernel)
+        self.conv2p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.convt2 = tconv_layer(p.conv_ch, p.conv_ch, fstride=2)
+        self.conv1p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.convt1 = tconv_layer(p.conv_ch, p.conv_ch, fstride=2)
+        self.conv0p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
+        self.conv0_out = conv_layer(p.conv_ch, 1, kernel_size=p.conv_kernel, activation_layer=nn.Sigmoid)
+
+    @staticmethod
+    def params():
+        return ModelParams()
+
+    @staticmethod
+    def _tconv_kernel(p):
+        return p.convt_kernel
+
+    def _build_gru(self, p):
         self.emb_in_dim = p.conv_ch * p.nb_erb // 4
         self.emb_dim = p.emb_hidden_dim
         self.emb_out_dim = p.conv_ch * p.nb_erb // 4
@@ -172,21 +209,14 @@ class ErbDecoder(nn.Module):
             linear_groups=p.lin_groups,
             linear_act_layer=nn.ReLU,
         )
-        tconv_layer = partial(ConvTranspose2dNormAct, kernel_size=p.convt_kernel, bias=False, separable=True)
-        conv_layer = partial(Conv2dNormAct, bias=False, separable=True)
-        self.conv3p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
-        self.convt3 = conv_layer(p.conv_ch, p.conv_ch, kernel_size=p.conv_kernel)
-        self.conv2p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
-        self.convt2 = tconv_layer(p.conv_ch, p.conv_ch, fstride=2)
-        self.conv1p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
-        self.convt1 = tconv_layer(p.conv_ch, p.conv_ch, fstride=2)
-        self.conv0p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
-        self.conv0_out = conv_layer(p.conv_ch, 1, kernel_size=p.conv_kernel, activation_layer=nn.Sigmoid)
 
     def __call__(self, emb, e3, e2, e1, e0) -> mx.array:
         """ERB mask [B, T, E, 1] from the embedding and the encoder maps (channels-last)."""
-        b, t, f8, _ = e3.shape
         emb, _ = self.emb_gru(emb)
+        return self.decode(emb, e3, e2, e1, e0)
+
+    def decode(self, emb, e3, e2, e1, e0) -> mx.array:
+        b, t, f8, _ = e3.shape
         emb = emb.reshape(b, t, f8, -1)
         e3 = self.convt3(self.conv3p(e3) + emb)
         e2 = self.convt2(self.conv2p(e2) + e3)

@@ -25,6 +25,7 @@ def _model_reports(family: str) -> Callable[[], List[Report]]:
 TARGETS: Dict[str, Callable[[], List[Report]]] = {
     "dsp": _dsp_reports,
     "dfnet3": _model_reports("deepfilternet3"),
+    "dfnet2": _model_reports("deepfilternet2"),
 }
 
 

@@ -80,6 +80,57 @@ df_hidden_dim = 128
 lsnr_dropout = true
 """, batch=1),
     ],
+    "deepfilternet2": [
+        # The default DF_OUTPUT_LAYER=linear fails in the reference's own forward (0.5.6:
+        # DfOutputReshapeOld views the transposed DfDecoderLinear output); that decoder is
+        # compared on its own in parity/test_deepfilternet2.py.
+        Variant("default_groupedlinear_output", """[deepfilternet]
+df_output_layer = groupedlinear
+"""),
+        Variant("squeeze_mf_lookahead_skip_pf", """[df]
+df_lookahead = 2
+[deepfilternet]
+gru_type = squeeze
+df_output_layer = groupedlinear
+dfop_method = df
+df_gru_skip = groupedlinear
+linear_groups = 8
+conv_lookahead = 2
+df_n_iter = 1
+mask_pf = true
+"""),
+        Variant("groups_noshuffle_identity_kernels", """[df]
+nb_erb = 24
+nb_df = 64
+df_order = 3
+[deepfilternet]
+conv_ch = 8
+gru_groups = 4
+group_shuffle = false
+emb_num_layers = 3
+df_num_layers = 2
+df_output_layer = groupedlinear
+dfop_method = df
+df_gru_skip = identity
+enc_concat = true
+conv_kernel = 2,3
+conv_kernel_inp = 2,3
+df_pathway_kernel_size_t = 2
+emb_hidden_dim = 64
+df_hidden_dim = 64
+"""),
+        Variant("sr16k_no_df", """[df]
+sr = 16000
+fft_size = 320
+hop_size = 160
+nb_erb = 16
+nb_df = 48
+[deepfilternet]
+emb_hidden_dim = 128
+df_hidden_dim = 128
+df_output_layer = groupedlinear
+""", run_df=False),
+    ],
 }
 
 

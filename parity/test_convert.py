@@ -17,17 +17,18 @@ from parity.pairs import randomize_norm_stats
 from parity.reference import import_ref, load_configs
 from parity.report import Report, compare
 
-FAMILY = "deepfilternet3"
+CASES = [("deepfilternet3", v) for v in VARIANTS["deepfilternet3"][:2]] + [
+    ("deepfilternet2", VARIANTS["deepfilternet2"][1])]
 
 
-def _torch_model(variant, tmp: Path):
+def _torch_model(family, variant, tmp: Path):
     import libdf
 
-    load_configs(_ini(FAMILY, variant.ini), tmp)
-    p = import_ref(FAMILY).ModelParams()
+    load_configs(_ini(family, variant.ini), tmp)
+    p = import_ref(family).ModelParams()
     torch.manual_seed(0)
     state = libdf.DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb)
-    return randomize_norm_stats(import_ref(FAMILY).init_model(state)).eval(), p
+    return randomize_norm_stats(import_ref(family).init_model(state)).eval(), p
 
 
 def _upstream_model_dir(root: Path, model, tmp: Path) -> Path:
@@ -38,11 +39,11 @@ def _upstream_model_dir(root: Path, model, tmp: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("variant", VARIANTS[FAMILY][:2], ids=[v.name for v in VARIANTS[FAMILY][:2]])
-def test_convert_then_export_round_trip(variant, tmp_path):
+@pytest.mark.parametrize("family, variant", CASES, ids=[f"{f}-{v.name}" for f, v in CASES])
+def test_convert_then_export_round_trip(family, variant, tmp_path):
     from df_mlx.checkpoint import load_model_dir
 
-    ref_model, p = _torch_model(variant, tmp_path)
+    ref_model, p = _torch_model(family, variant, tmp_path)
     inputs = model_inputs(p, 2, 50)
     with torch.no_grad():
         ref_out = ref_model(*map(torch.from_numpy, inputs))
@@ -52,7 +53,7 @@ def test_convert_then_export_round_trip(variant, tmp_path):
     result = runner.invoke(main, ["convert", str(src), "-o", str(tmp_path / "mlx")])
     assert result.exit_code == 0, result.output
     mlx_model, meta = load_model_dir(tmp_path / "mlx")
-    assert meta["family"] == FAMILY and meta["source"].endswith("model_3.ckpt")
+    assert meta["family"] == family and meta["source"].endswith("model_3.ckpt")
     mlx_out = mlx_model(*map(mx.array, inputs))
     report = Report(f"convert {variant.name}", "torch")
     for i, (a, b) in enumerate(zip(mlx_out, ref_out)):
@@ -63,7 +64,7 @@ def test_convert_then_export_round_trip(variant, tmp_path):
     result = runner.invoke(main, ["export", str(tmp_path / "mlx"), "-o", str(tmp_path / "back.ckpt")])
     assert result.exit_code == 0, result.output
     with tempfile.TemporaryDirectory() as tmp:
-        fresh, _ = _torch_model(variant, Path(tmp))
+        fresh, _ = _torch_model(family, variant, Path(tmp))
     fresh.load_state_dict(torch.load(tmp_path / "back.ckpt", weights_only=True), strict=True)
     with torch.no_grad():
         back_out = fresh.eval()(*map(torch.from_numpy, inputs))
