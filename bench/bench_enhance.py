@@ -112,7 +112,7 @@ def _child(engine: str, threads: int, seconds_list, repeats: int) -> dict:
         audio = _audio(seconds)
         runner(audio[:, : 48000])  # warm-up (compilation, allocation)
         best = min(_timed(runner, audio) for _ in range(repeats))
-        result[str(seconds)] = best / seconds
+        result[f"{seconds:g}"] = best / seconds
     if engine == "df-mlx":
         result["hop_ms"] = _hop_latency()
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -177,7 +177,7 @@ def _write(results, args):
              "|---|---|---|---|---|---|---|"]
     for threads in args.threads:
         for s in args.seconds:
-            r = {e: results[(e, threads)][str(s)] for e in ENGINES}
+            r = {e: results[(e, threads)][f"{s:g}"] for e in ENGINES}
             lines.append(f"| {threads} | {s:g} s | {r['df-mlx']:.3f} | {r['torch']:.3f} | {r['onnxruntime']:.3f} | "
                          f"{r['df-mlx'] / r['torch']:.2f}x | {r['df-mlx'] / r['onnxruntime']:.2f}x |")
     lines += ["", "| threads | engine | peak memory (MB) |", "|---|---|---|"]
@@ -199,7 +199,7 @@ def _write(results, args):
     labels = [f"{t} thr, {s:g} s" for t in args.threads for s in args.seconds]
     x = np.arange(len(labels))
     for i, engine in enumerate(ENGINES):
-        ax.bar(x + (i - 1) * 0.27, [results[(engine, t)][str(s)] for t in args.threads for s in args.seconds],
+        ax.bar(x + (i - 1) * 0.27, [results[(engine, t)][f"{s:g}"] for t in args.threads for s in args.seconds],
                0.27, label=engine)
     ax.set_xticks(x, labels)
     ax.set_ylabel("real-time factor (lower is better)")

@@ -1,5 +1,6 @@
 """`dfmlx demo`: enhance the bundled noisy sample and score it against its clean speech."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -31,10 +32,7 @@ def demo_cmd(output_dir, model_dir):
     from df_mlx.enhance_cli import enhance_file
     from df_mlx.io import output_path
 
-    try:
-        import pesq  # noqa: F401
-        import pystoi  # noqa: F401
-    except ImportError:
+    if any(importlib.util.find_spec(m) is None for m in ("pesq", "pystoi")):
         raise click.ClickException("the demo's scores need pesq and pystoi: pip install 'df-mlx[eval]'")
     os.makedirs(output_dir, exist_ok=True)
     model, df_state, suffix = init_df(model_dir, log_level="WARNING", log_file=None)
