@@ -4,19 +4,26 @@ A converted model is a directory with `config.ini` (the `df` config: same sectio
 and `model.safetensors` (MLX-layout weights under the torch `state_dict` names) whose metadata
 records where the weights came from. Directories are written atomically: into a temporary
 sibling first, renamed into place only when complete.
+
+Training checkpoints keep df's names and rules (`model_<epoch>.<ext>`, `.best` copies for
+improved metrics, history cleanup, `.patience`/`.best` files) but hold safetensors, so the
+default extension is "safetensors" instead of df's "ckpt".
 """
 
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
+import numpy as np
 from loguru import logger
 from mlx.utils import tree_flatten
 
-from df_mlx.config import config
+from df_mlx.config import Csv, config
 from df_mlx.version import version
 
 CONFIG_FILE = "config.ini"
@@ -96,3 +103,156 @@ def load_model_dir(model_dir, df_state=None, run_df: bool = True, train_mask: bo
 
 def get_epoch(cp) -> int:
     return int(os.path.basename(cp).split(".")[0].split("_")[-1])
+
+
+EXTENSION = "safetensors"
+
+
+def _arrays(obj) -> Dict[str, mx.array]:
+    """A module's parameters or an optimizer's state, flattened by name."""
+    return dict(tree_flatten(obj.parameters() if hasattr(obj, "parameters") else obj.state))
+
+
+def load_model(cp_dir: Optional[str], df_state, jit: bool = False, mask_only: bool = False,
+               train_df_only: bool = False, extension: str = EXTENSION, epoch: Union[str, int, None] = "latest"):
+    """Build the model the config names and load its checkpoint from `cp_dir` (if any);
+    returns (model, epoch). `jit` is accepted for df's signature; MLX has nothing to script."""
+    from df_mlx.model import init_model
+
+    if mask_only and train_df_only:
+        raise ValueError("Only one of `mask_only` `train_df_only` can be enabled")
+    model = init_model(df_state, run_df=mask_only is False, train_mask=train_df_only is False)
+    blacklist: List[str] = config("CP_BLACKLIST", [], Csv(), save=False, section="train")
+    if cp_dir is None:
+        return model, 0
+    found = read_cp(model, "model", cp_dir, blacklist=blacklist, extension=extension, epoch=epoch)
+    return model, 0 if found is None else found
+
+
+def read_cp(obj, name: str, dirname: str, epoch: Union[str, int, None] = "latest", extension: str = EXTENSION,
+            blacklist=(), log: bool = True) -> Optional[int]:
+    """Load the best/latest/given-epoch checkpoint `<name>_<epoch>.<extension>[.best]` into a
+    model (by name, strictly for shapes; `blacklist` regexes skip keys) or an optimizer."""
+    if isinstance(epoch, str) and epoch not in ("best", "latest"):
+        raise ValueError(f"epoch must be best, latest or an integer, got {epoch!r}")
+    checkpoints: List[str] = []
+    if epoch == "best":
+        checkpoints = glob.glob(os.path.join(dirname, f"{name}*.{extension}.best"))
+        if not checkpoints:
+            logger.warning("Could not find `best` checkpoint. Checking for default...")
+    if not checkpoints:
+        checkpoints = glob.glob(os.path.join(dirname, f"{name}*.{extension}"))
+        checkpoints += glob.glob(os.path.join(dirname, f"{name}*.{extension}.best"))
+    if not checkpoints:
+        return None
+    if isinstance(epoch, int):
+        latest = next((x for x in checkpoints if get_epoch(x) == epoch), None)
+        if latest is None:
+            raise FileNotFoundError(f"Could not find checkpoint of epoch {epoch} in {dirname}")
+    else:
+        latest = max(checkpoints, key=get_epoch)
+        epoch = get_epoch(latest)
+    if log:
+        logger.info(f"Found checkpoint {latest} with epoch {epoch}")
+    state = {k.replace("clc", "df"): v for k, v in mx.load(latest, format="safetensors").items()}
+    if blacklist:
+        reg = re.compile("|".join(f"({b})" for b in blacklist))
+        state = {k: v for k, v in state.items() if reg.search(k) is None}
+    if hasattr(obj, "load_weights"):
+        own = _arrays(obj)
+        for key in sorted(set(own) - set(state)):
+            logger.warning(f"Missing key: '{key}'")
+        for key in sorted(set(state) - set(own)):
+            logger.warning(f"Unexpected key: {key}")
+        obj.load_weights([(k, v) for k, v in state.items() if k in own], strict=False)
+    else:
+        from mlx.utils import tree_unflatten
+
+        obj.state = tree_unflatten(list(state.items()))
+    return epoch
+
+
+def write_cp(obj, name: str, dirname: str, epoch: int, extension: str = EXTENSION,
+             metric: Optional[float] = None, cmp: str = "min"):
+    """Write `<name>_<epoch>.<extension>` (and a `.best` copy when `metric` improves on the
+    best so far, recorded in `<dirname>/.best`), keeping df's history limits."""
+    from df_mlx.utils import check_finite_module
+
+    if hasattr(obj, "parameters"):
+        check_finite_module(obj)
+    n_keep = config("n_checkpoint_history", default=3, cast=int, section="train")
+    n_keep_best = config("n_best_checkpoint_history", default=5, cast=int, section="train")
+    arrays = _arrays(obj)
+    if metric is not None:
+        if cmp not in ("min", "max"):
+            raise ValueError(f"cmp must be min or max, got {cmp!r}")
+        metric = float(metric)
+        with open(os.path.join(dirname, ".best"), "a+") as prev_best_f:
+            prev_best_f.seek(0)
+            lines = prev_best_f.readlines()
+            prev_best = float(lines[-1].strip().split(" ")[1]) if lines else float("inf" if cmp == "min" else "-inf")
+            if getattr(metric, "__lt__" if cmp == "min" else "__gt__")(prev_best):
+                logger.info(f"Saving new best checkpoint at epoch {epoch} with metric: {metric}")
+                prev_best_f.seek(0, os.SEEK_END)
+                np.savetxt(prev_best_f, np.array([[float(epoch), metric]]))
+                _save_atomic(arrays, os.path.join(dirname, f"{name}_{epoch}.{extension}.best"))
+                cleanup(name, dirname, extension + ".best", nkeep=n_keep_best)
+    cp_name = os.path.join(dirname, f"{name}_{epoch}.{extension}")
+    logger.info(f"Writing checkpoint {cp_name} with epoch {epoch}")
+    _save_atomic(arrays, cp_name)
+    cleanup(name, dirname, extension, nkeep=n_keep)
+
+
+def _save_atomic(arrays: Dict[str, mx.array], path: str):
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".safetensors", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def cleanup(name: str, dirname: str, extension: str, nkeep=5):
+    """Keep the `nkeep` newest `<name>*.<extension>` files (all when nkeep < 0)."""
+    if nkeep < 0:
+        return
+    checkpoints = sorted(glob.glob(os.path.join(dirname, f"{name}*.{extension}")), key=get_epoch, reverse=True)
+    for cp in checkpoints[nkeep:]:
+        logger.debug(f"Removing old checkpoint: {cp}")
+        os.remove(cp)
+
+
+def check_patience(dirname: str, max_patience: int, new_metric: float, cmp: str = "min", raise_: bool = True):
+    """Early stopping: False (or ValueError with `raise_`) once the metric has not improved
+    for `max_patience` calls; state in `<dirname>/.patience` as df keeps it."""
+    better = "__lt__" if cmp == "min" else "__gt__"
+    new_metric = float(new_metric)
+    prev_patience, prev_metric = read_patience(dirname)
+    if prev_patience is None or getattr(new_metric, better)(prev_metric):
+        write_patience(dirname, 0, new_metric)
+        return True
+    new_patience = prev_patience + 1
+    write_patience(dirname, new_patience, prev_metric)
+    if new_patience >= max_patience:
+        msg = (f"No improvements on validation metric ({prev_metric:.3f} - {new_metric:.3f}) for "
+               f"{max_patience} epochs. Stopping.")
+        if raise_:
+            raise ValueError(msg)
+        logger.warning(msg)
+        return False
+    return True
+
+
+def read_patience(dirname: str) -> Tuple[Optional[int], float]:
+    fn = os.path.join(dirname, ".patience")
+    if not os.path.isfile(fn):
+        return None, 0.0
+    patience, metric = np.loadtxt(fn)
+    return int(patience), float(metric)
+
+
+def write_patience(dirname: str, new_patience: int, metric: float):
+    return np.savetxt(os.path.join(dirname, ".patience"), [new_patience, metric])
