@@ -5,7 +5,7 @@ its recurrent blocks (grouped or squeezed GRUs), its DF decoders (with the alpha
 deep-filter operator (`DfOp` or `multiframe.DF`) and its iterations.
 """
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,8 +13,9 @@ from loguru import logger
 
 import df_mlx.deepfilternet3 as dfn3
 import df_mlx.multiframe as MF
-from df_mlx.config import Csv, DfParams, config
+from df_mlx.config import DfParams
 from df_mlx.libdf import DF
+from df_mlx.model import read_model_keys
 from df_mlx.logger import log_deprecated
 from df_mlx.modules import (
     ConstantPad2d,
@@ -33,31 +34,14 @@ from df_mlx.modules import (
 
 class ModelParams(DfParams):
     section = "deepfilternet"
+    keys = ("conv_lookahead", "conv_ch", "conv_depthwise", "convt_depthwise", "conv_kernel", "conv_kernel_inp",
+            "emb_hidden_dim", "emb_num_layers", "df_hidden_dim", "df_gru_skip", "df_output_layer",
+            "df_pathway_kernel_size_t", "enc_concat", "df_num_layers", "df_n_iter", "gru_type", "gru_groups",
+            "lin_groups", "group_shuffle", "dfop_method", "mask_pf")
 
     def __init__(self):
         super().__init__()
-        sec = self.section
-        self.conv_lookahead: int = config("CONV_LOOKAHEAD", cast=int, default=0, section=sec)
-        self.conv_ch: int = config("CONV_CH", cast=int, default=16, section=sec)
-        self.conv_depthwise: bool = config("CONV_DEPTHWISE", cast=bool, default=True, section=sec)
-        self.convt_depthwise: bool = config("CONVT_DEPTHWISE", cast=bool, default=True, section=sec)
-        self.conv_kernel: List[int] = config("CONV_KERNEL", cast=Csv(int), default=(1, 3), section=sec)
-        self.conv_kernel_inp: List[int] = config("CONV_KERNEL_INP", cast=Csv(int), default=(3, 3), section=sec)
-        self.emb_hidden_dim: int = config("EMB_HIDDEN_DIM", cast=int, default=256, section=sec)
-        self.emb_num_layers: int = config("EMB_NUM_LAYERS", cast=int, default=2, section=sec)
-        self.df_hidden_dim: int = config("DF_HIDDEN_DIM", cast=int, default=256, section=sec)
-        self.df_gru_skip: str = config("DF_GRU_SKIP", default="none", section=sec)
-        self.df_output_layer: str = config("DF_OUTPUT_LAYER", default="linear", section=sec)
-        self.df_pathway_kernel_size_t: int = config("DF_PATHWAY_KERNEL_SIZE_T", cast=int, default=1, section=sec)
-        self.enc_concat: bool = config("ENC_CONCAT", cast=bool, default=False, section=sec)
-        self.df_num_layers: int = config("DF_NUM_LAYERS", cast=int, default=3, section=sec)
-        self.df_n_iter: int = config("DF_N_ITER", cast=int, default=2, section=sec)
-        self.gru_type: str = config("GRU_TYPE", default="grouped", section=sec)
-        self.gru_groups: int = config("GRU_GROUPS", cast=int, default=1, section=sec)
-        self.lin_groups: int = config("LINEAR_GROUPS", cast=int, default=1, section=sec)
-        self.group_shuffle: bool = config("GROUP_SHUFFLE", cast=bool, default=True, section=sec)
-        self.dfop_method: str = config("DFOP_METHOD", cast=str, default="real_unfold", section=sec)
-        self.mask_pf: bool = config("MASK_PF", cast=bool, default=False, section=sec)
+        read_model_keys(self, self.section, self.keys, df_n_iter=2)
 
 
 def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):

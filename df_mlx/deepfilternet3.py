@@ -6,7 +6,7 @@ Same config keys and defaults, same sub-module names (flattened parameter names 
 """
 
 from functools import partial
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,8 +14,9 @@ import numpy as np
 from loguru import logger
 
 import df_mlx.multiframe as MF
-from df_mlx.config import Csv, DfParams, config
+from df_mlx.config import DfParams
 from df_mlx.libdf import DF
+from df_mlx.model import read_model_keys
 from df_mlx.modules import (
     ConstantPad2d,
     Conv2dNormAct,
@@ -33,32 +34,14 @@ PI = 3.1415926535897932384626433
 
 class ModelParams(DfParams):
     section = "deepfilternet"
+    keys = ("conv_lookahead", "conv_ch", "conv_depthwise", "convt_depthwise", "conv_kernel", "convt_kernel",
+            "conv_kernel_inp", "emb_hidden_dim", "emb_num_layers", "emb_gru_skip_enc", "emb_gru_skip",
+            "df_hidden_dim", "df_gru_skip", "df_pathway_kernel_size_t", "enc_concat", "df_num_layers",
+            "df_n_iter", "lin_groups", "enc_lin_groups", "mask_pf", "pf_beta", "lsnr_dropout")
 
     def __init__(self):
         super().__init__()
-        sec = self.section
-        self.conv_lookahead: int = config("CONV_LOOKAHEAD", cast=int, default=0, section=sec)
-        self.conv_ch: int = config("CONV_CH", cast=int, default=16, section=sec)
-        self.conv_depthwise: bool = config("CONV_DEPTHWISE", cast=bool, default=True, section=sec)
-        self.convt_depthwise: bool = config("CONVT_DEPTHWISE", cast=bool, default=True, section=sec)
-        self.conv_kernel: List[int] = config("CONV_KERNEL", cast=Csv(int), default=(1, 3), section=sec)
-        self.convt_kernel: List[int] = config("CONVT_KERNEL", cast=Csv(int), default=(1, 3), section=sec)
-        self.conv_kernel_inp: List[int] = config("CONV_KERNEL_INP", cast=Csv(int), default=(3, 3), section=sec)
-        self.emb_hidden_dim: int = config("EMB_HIDDEN_DIM", cast=int, default=256, section=sec)
-        self.emb_num_layers: int = config("EMB_NUM_LAYERS", cast=int, default=2, section=sec)
-        self.emb_gru_skip_enc: str = config("EMB_GRU_SKIP_ENC", default="none", section=sec)
-        self.emb_gru_skip: str = config("EMB_GRU_SKIP", default="none", section=sec)
-        self.df_hidden_dim: int = config("DF_HIDDEN_DIM", cast=int, default=256, section=sec)
-        self.df_gru_skip: str = config("DF_GRU_SKIP", default="none", section=sec)
-        self.df_pathway_kernel_size_t: int = config("DF_PATHWAY_KERNEL_SIZE_T", cast=int, default=1, section=sec)
-        self.enc_concat: bool = config("ENC_CONCAT", cast=bool, default=False, section=sec)
-        self.df_num_layers: int = config("DF_NUM_LAYERS", cast=int, default=3, section=sec)
-        self.df_n_iter: int = config("DF_N_ITER", cast=int, default=1, section=sec)
-        self.lin_groups: int = config("LINEAR_GROUPS", cast=int, default=1, section=sec)
-        self.enc_lin_groups: int = config("ENC_LINEAR_GROUPS", cast=int, default=16, section=sec)
-        self.mask_pf: bool = config("MASK_PF", cast=bool, default=False, section=sec)
-        self.pf_beta: float = config("PF_BETA", cast=float, default=0.02, section=sec)
-        self.lsnr_dropout: bool = config("LSNR_DROPOUT", cast=bool, default=False, section=sec)
+        read_model_keys(self, self.section, self.keys)
 
 
 def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):

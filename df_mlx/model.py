@@ -34,3 +34,47 @@ def init_model(*args, **kwargs):
     name = config("MODEL", default=DEFAULT_MODEL, section="train")
     logger.info(f"Initializing model `{name}`")
     return _family_module(name).init_model(*args, **kwargs)
+
+
+# Every `[deepfilternet]` key the upstream families read: attribute -> (key, cast, default).
+# Families list the attributes they read, in their reading order (the order keys are written
+# to config.ini), overriding defaults where upstream's differ.
+DEEPFILTERNET_KEYS = {
+    "conv_lookahead": ("CONV_LOOKAHEAD", int, 0),
+    "conv_ch": ("CONV_CH", int, 16),
+    "conv_depthwise": ("CONV_DEPTHWISE", bool, True),
+    "convt_depthwise": ("CONVT_DEPTHWISE", bool, True),
+    "conv_kernel": ("CONV_KERNEL", "csv_int", (1, 3)),
+    "convt_kernel": ("CONVT_KERNEL", "csv_int", (1, 3)),
+    "conv_kernel_inp": ("CONV_KERNEL_INP", "csv_int", (3, 3)),
+    "emb_hidden_dim": ("EMB_HIDDEN_DIM", int, 256),
+    "emb_num_layers": ("EMB_NUM_LAYERS", int, 2),
+    "emb_gru_skip_enc": ("EMB_GRU_SKIP_ENC", str, "none"),
+    "emb_gru_skip": ("EMB_GRU_SKIP", str, "none"),
+    "df_hidden_dim": ("DF_HIDDEN_DIM", int, 256),
+    "df_gru_skip": ("DF_GRU_SKIP", str, "none"),
+    "df_output_layer": ("DF_OUTPUT_LAYER", str, "linear"),
+    "df_pathway_kernel_size_t": ("DF_PATHWAY_KERNEL_SIZE_T", int, 1),
+    "enc_concat": ("ENC_CONCAT", bool, False),
+    "df_num_layers": ("DF_NUM_LAYERS", int, 3),
+    "df_n_iter": ("DF_N_ITER", int, 1),
+    "gru_type": ("GRU_TYPE", str, "grouped"),
+    "gru_groups": ("GRU_GROUPS", int, 1),
+    "lin_groups": ("LINEAR_GROUPS", int, 1),
+    "enc_lin_groups": ("ENC_LINEAR_GROUPS", int, 16),
+    "group_shuffle": ("GROUP_SHUFFLE", bool, True),
+    "dfop_method": ("DFOP_METHOD", str, "real_unfold"),
+    "mask_pf": ("MASK_PF", bool, False),
+    "pf_beta": ("PF_BETA", float, 0.02),
+    "lsnr_dropout": ("LSNR_DROPOUT", bool, False),
+}
+
+
+def read_model_keys(params, section: str, attrs, **defaults):
+    """Set `params.<attr>` from `[section]` for each attribute, in order (see DEEPFILTERNET_KEYS)."""
+    from df_mlx.config import Csv
+
+    for attr in attrs:
+        key, cast, default = DEEPFILTERNET_KEYS[attr]
+        cast = Csv(int) if cast == "csv_int" else cast
+        setattr(params, attr, config(key, cast=cast, default=defaults.get(attr, default), section=section))

@@ -107,3 +107,23 @@ def test_missing_option_without_default_raises_the_same(ref_config, tmp_path, op
             cfg(option, cast=int, section="df")
         errors.append(type(e.value).__name__)
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("family", ["deepfilternet3", "deepfilternet2"])
+def test_model_params_keys_defaults_and_order(family, tmp_path):
+    """Each family reads the same keys with the same defaults, in the same order, as df: the
+    config files both write after building ModelParams are identical."""
+    import importlib
+
+    from df_mlx.config import config as mlx_config
+
+    ref_cfg = import_ref("config").config
+    for cfg in (ref_cfg, mlx_config):
+        cfg.use_defaults(allow_reload=True)
+        cfg.set("MODEL", family, str, "train")
+    ref_params = vars(import_ref(family).ModelParams())
+    mlx_params = vars(importlib.import_module(f"df_mlx.{family}").ModelParams())
+    assert mlx_params == ref_params
+    ref_cfg.save(str(tmp_path / "ref.ini"))
+    mlx_config.save(str(tmp_path / "mlx.ini"))
+    assert (tmp_path / "mlx.ini").read_text() == (tmp_path / "ref.ini").read_text()
