@@ -115,13 +115,9 @@ class ErbDecoder(dfn3.ErbDecoder):
         return self.decode(self.fc_emb(emb), e3, e2, e1, e0)
 
 
-class DfOutputReshapeOld(nn.Module):
-    """Coefficients [B, T, O*2*F] layout of `DfOp` -> [B, T, O, F, 2]."""
-
-    def __init__(self, df_order: int, df_bins: int):
-        super().__init__()
-        self.df_order = df_order
-        self.df_bins = df_bins
+class DfOutputReshapeOld(dfn3.DfOutputReshapeMF):
+    """Coefficients [B, T, O*2*F] layout of `DfOp` -> [B, T, O, F, 2] (same fields as the
+    multi-frame reshape, other layout)."""
 
     def __call__(self, coefs: mx.array) -> mx.array:
         b, t = coefs.shape[:2]
