@@ -67,8 +67,7 @@ def _angle(x: mx.array) -> mx.array:
 
 
 @_angle.vjp
-def _angle_vjp(primals, cotangent, output):
-    (x,) = primals
+def _angle_vjp(x, cotangent, output):  # a single primal arrives as the array itself
     g_re, g_im = _robust_angle_grads(mx.real(x), mx.imag(x), cotangent)
     return (g_re + 1j * g_im,)
 
