@@ -6,14 +6,16 @@ sqrt(re^2 + im^2) so gradients stay real-valued. `Stft`/`Istft` reproduce `torch
 """
 
 import warnings
-from typing import Iterable, List, Optional, Union
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from df_mlx.config import Csv, config
 from df_mlx.model import ModelParams
-from df_mlx.modules import Mask, _hann_window, erb_fb
+from df_mlx.modules import LocalSnrTarget, Mask, _hann_window, erb_fb
 from df_mlx.utils import angle, as_complex
 
 
@@ -343,3 +345,89 @@ class LocalSnrLoss(nn.Module):
 
     def __call__(self, input: mx.array, target_lsnr: mx.array) -> mx.array:
         return _mse(input.squeeze(-1), target_lsnr) * self.factor
+
+
+class Loss(nn.Module):
+    """The config-driven sum of df's losses (sections MaskLoss, SpectralLoss,
+    MultiResSpecLoss, SdrLoss, LocalSnrLoss, ASRLoss with df's keys and defaults).
+
+    With `store_losses` the non-zero loss values are collected in `summaries`; df also records
+    SI-SDR and STOI per input SNR there (`store_summaries`), which df-mlx does not yet do."""
+
+    def __init__(self, state, istft: Optional[Istft] = None):
+        super().__init__()
+        p = ModelParams()
+        self.lsnr = LocalSnrTarget(ws=20, target_snr_range=[p.lsnr_min - 1, p.lsnr_max + 1])
+        self.istft = istft
+        self.sr, self.fft_size, self.nb_df = p.sr, p.fft_size, p.nb_df
+        self.store_losses = False
+        self.summaries: Dict[str, List[mx.array]] = self.reset_summaries()
+        self.ml_f = config("factor", 0, float, section="MaskLoss")
+        self.ml_mask = config("mask", "iam", str, section="MaskLoss")
+        self.ml_gamma = config("gamma", 0.6, float, section="MaskLoss")
+        self.ml_gamma_pred = config("gamma_pred", 0.6, float, section="MaskLoss")
+        self.ml_f_under = config("f_under", 2, float, section="MaskLoss")
+        ml_max_freq = config("max_freq", 0, float, section="MaskLoss")
+        self.ml_f_max_idx = None if ml_max_freq == 0 else int(ml_max_freq / (p.sr / p.fft_size))
+        if self.ml_mask == "spec":
+            self.ml = MaskSpecLoss(state, self.ml_f, self.ml_gamma, f_max_idx=self.ml_f_max_idx)
+        else:
+            self.ml = MaskLoss(state, mask=self.ml_mask, factor=self.ml_f, f_under=self.ml_f_under,
+                               gamma=self.ml_gamma, gamma_pred=self.ml_gamma_pred, factors=[1, 10], powers=[2, 4],
+                               f_max_idx=self.ml_f_max_idx)
+        self.sl_fm = config("factor_magnitude", 0, float, section="SpectralLoss")
+        self.sl_fc = config("factor_complex", 0, float, section="SpectralLoss")
+        self.sl_fu = config("factor_under", 1, float, section="SpectralLoss")
+        self.sl_gamma = config("gamma", 1, float, section="SpectralLoss")
+        self.sl_f = self.sl_fm + self.sl_fc
+        self.sl = SpectralLoss(factor_magnitude=self.sl_fm, factor_complex=self.sl_fc, factor_under=self.sl_fu,
+                               gamma=self.sl_gamma) if self.sl_f > 0 else None
+        self.mrsl_f = config("factor", 0, float, section="MultiResSpecLoss")
+        self.mrsl_fc = config("factor_complex", 0, float, section="MultiResSpecLoss")
+        self.mrsl_gamma = config("gamma", 1, float, section="MultiResSpecLoss")
+        self.mrsl_ffts: List[int] = config("fft_sizes", [512, 1024, 2048], Csv(int), section="MultiResSpecLoss")
+        self.mrsl = None
+        if self.mrsl_f > 0:
+            if istft is None:
+                raise ValueError("MultiResSpecLoss needs an Istft")
+            self.mrsl = MultiResSpecLoss(self.mrsl_ffts, self.mrsl_gamma, self.mrsl_f, self.mrsl_fc)
+        self.sdrl_f = config("factor", 0, float, section="SdrLoss")
+        self.sdrl = None
+        if self.sdrl_f > 0:
+            ws = config("segmental_ws", [], Csv(int), section="SdrLoss")
+            self.sdrl = SegSdrLoss(ws, factor=self.sdrl_f) if any(w > 0 for w in ws) else SdrLoss(self.sdrl_f)
+        self.lsnr_f = config("factor", 0.0005, float, section="LocalSnrLoss")
+        self.lsnrl = LocalSnrLoss(self.lsnr_f) if self.lsnr_f > 0 else None
+        self.asrl_f = config("factor", 0, float, section="ASRLoss")
+        self.asrl_f_lm = config("factor_lm", 0, float, section="ASRLoss")
+        self.asrl_loss_lm = config("loss_lm", "CrossEntropy", str, section="ASRLoss")
+        self.asrl_m = config("model", "base.en", str, section="ASRLoss")
+        if self.asrl_f > 0 or self.asrl_f_lm > 0:
+            raise ValueError("ASRLoss needs a Whisper model, which df-mlx does not ship (set [ASRLoss] factor = 0)")
+
+    def __call__(self, clean: mx.array, noisy: mx.array, enhanced: mx.array, mask: mx.array, lsnr: mx.array,
+                 snrs: mx.array, max_freq=None) -> mx.array:
+        """Spectra [B, C, T, F] complex (or [..., 2]); mask [B, C, T, E]; lsnr [B, T, 1]."""
+        lsnr_gt = self.lsnr(clean, noise=noisy - clean)
+        enhanced_td = clean_td = None
+        if self.istft is not None and (self.store_losses or self.mrsl is not None or self.sdrl is not None):
+            enhanced_td, clean_td = self.istft(enhanced), self.istft(clean)
+        zero = mx.zeros(())
+        ml = self.ml(input=mask, clean=clean, noisy=noisy) if self.ml_f != 0 else zero
+        sl = self.sl(input=enhanced, target=clean) if self.sl is not None and self.sl_f != 0 else zero
+        mrsl = self.mrsl(enhanced_td, clean_td) if self.mrsl is not None else zero
+        lsnrl = self.lsnrl(input=lsnr, target_lsnr=lsnr_gt) if self.lsnr_f != 0 else zero
+        sdrl = self.sdrl(enhanced_td, clean_td) if self.sdrl_f != 0 else zero
+        if self.store_losses and enhanced_td is not None:
+            for name, value in (("MaskLoss", ml), ("SpectralLoss", sl), ("MultiResSpecLoss", mrsl),
+                                ("SdrLoss", sdrl), ("LocalSnrLoss", lsnrl)):
+                if float(value) != 0:
+                    self.summaries[name].append(mx.stop_gradient(value))
+        return ml + sl + mrsl + sdrl + lsnrl
+
+    def reset_summaries(self):
+        self.summaries = defaultdict(list)
+        return self.summaries
+
+    def get_summaries(self):
+        return self.summaries.items()
