@@ -1,0 +1,1 @@
+"""Command-line scripts of `df.scripts` ported to df-mlx."""
