@@ -41,7 +41,11 @@ def init_model(*args, **kwargs):
 # to config.ini), overriding defaults where upstream's differ.
 DEEPFILTERNET_KEYS = {
     "conv_lookahead": ("CONV_LOOKAHEAD", int, 0),
+    "conv_k_enc": ("CONV_K_ENC", int, 2),
+    "conv_k_dec": ("CONV_K_DEC", int, 1),
     "conv_ch": ("CONV_CH", int, 16),
+    "conv_width_f": ("CONV_WIDTH_FACTOR", int, 1),
+    "conv_dec_mode": ("CONV_DEC_MODE", str, "transposed"),
     "conv_depthwise": ("CONV_DEPTHWISE", bool, True),
     "convt_depthwise": ("CONVT_DEPTHWISE", bool, True),
     "conv_kernel": ("CONV_KERNEL", "csv_int", (1, 3)),

@@ -26,6 +26,7 @@ TARGETS: Dict[str, Callable[[], List[Report]]] = {
     "dsp": _dsp_reports,
     "dfnet3": _model_reports("deepfilternet3"),
     "dfnet2": _model_reports("deepfilternet2"),
+    "dfnet1": _model_reports("deepfilternet"),
 }
 
 

@@ -80,6 +80,50 @@ df_hidden_dim = 128
 lsnr_dropout = true
 """, batch=1),
     ],
+    "deepfilternet": [
+        Variant("default", ""),
+        Variant("lookahead3_wide_upsample_groups", """[df]
+df_order = 3
+df_lookahead = 1
+[deepfilternet]
+conv_lookahead = 3
+conv_k_enc = 3
+conv_k_dec = 2
+conv_width_factor = 2
+conv_dec_mode = upsample
+gru_groups = 4
+group_shuffle = true
+linear_groups = 8
+emb_num_layers = 2
+df_num_layers = 2
+dfop_method = real_strided
+mask_pf = true
+"""),
+        Variant("dense_noshuffle_loop", """[df]
+nb_erb = 24
+nb_df = 64
+[deepfilternet]
+conv_lookahead = 1
+conv_k_enc = 1
+conv_depthwise = false
+convt_depthwise = false
+gru_groups = 2
+group_shuffle = false
+emb_hidden_dim = 64
+df_hidden_dim = 64
+dfop_method = real_loop
+"""),
+        Variant("sr16k_no_df_complex", """[df]
+sr = 16000
+fft_size = 320
+hop_size = 160
+nb_erb = 16
+nb_df = 48
+[deepfilternet]
+conv_lookahead = 2
+dfop_method = complex_strided
+""", run_df=False),
+    ],
     "deepfilternet2": [
         # The default DF_OUTPUT_LAYER=linear fails in the reference's own forward (0.5.6:
         # DfOutputReshapeOld views the transposed DfDecoderLinear output); that decoder is

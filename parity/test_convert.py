@@ -18,7 +18,7 @@ from parity.reference import import_ref, load_configs
 from parity.report import Report, compare
 
 CASES = [("deepfilternet3", v) for v in VARIANTS["deepfilternet3"][:2]] + [
-    ("deepfilternet2", VARIANTS["deepfilternet2"][1])]
+    ("deepfilternet2", VARIANTS["deepfilternet2"][1]), ("deepfilternet", VARIANTS["deepfilternet"][1])]
 
 
 def _torch_model(family, variant, tmp: Path):

@@ -15,6 +15,15 @@ from typing import Callable, Dict, Iterator, Optional
 import numpy as np
 
 
+class Trace(OrderedDict):
+    """Outputs by layer name; `untraceable` names the torch sub-modules (TorchScript) whose
+    outputs cannot be hooked, so their MLX twins are not reported as unmatched."""
+
+    def __init__(self):
+        super().__init__()
+        self.untraceable = []
+
+
 def _flatten(name: str, out, into: "OrderedDict[str, object]", convert: Callable):
     if out is None:
         return
@@ -43,10 +52,17 @@ def _torch_to_numpy(t):
 @contextmanager
 def trace_torch(model, include: Optional[Callable[[str], bool]] = None) -> Iterator[Dict]:
     """Forward hooks on every named sub-module (not the root) of a torch model."""
-    trace: "OrderedDict[str, object]" = OrderedDict()
+    import torch
+
+    trace = Trace()
     handles = []
     for name, module in model.named_modules():
         if not name or (include is not None and not include(name)):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in trace.untraceable):
+            continue
+        if isinstance(module, torch.jit.ScriptModule):  # no hooks on TorchScript modules
+            trace.untraceable.append(name)
             continue
 
         def hook(_mod, _inp, out, name=name):
@@ -78,6 +94,27 @@ def _mlx_to_numpy(layout: Optional[str]):
     return convert
 
 
+def _named_modules_in_order(module, prefix: str = ""):
+    """(name, module) pairs in attribute definition order, as torch's `named_modules` lists
+    them (MLX's own order differs), so a shared module gets the same first name."""
+    import mlx.nn as nn
+
+    yield prefix, module
+
+    def walk(value, name):
+        if isinstance(value, nn.Module):
+            yield from _named_modules_in_order(value, name)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                yield from walk(v, f"{name}.{i}")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                yield from walk(v, f"{name}.{k}")
+
+    for key, value in module.items():
+        yield from walk(value, f"{prefix}.{key}" if prefix else key)
+
+
 def _layout(name: str, modules: Dict[str, object]) -> Optional[str]:
     """The `trace_layout` of the module or of its nearest ancestor that declares one."""
     parts = name.split(".")
@@ -97,10 +134,12 @@ def trace_mlx(model, include: Optional[Callable[[str], bool]] = None) -> Iterato
     """
     trace: "OrderedDict[str, object]" = OrderedDict()
     patched = []
-    modules = dict(model.named_modules())
+    modules = dict(_named_modules_in_order(model))
+    seen = set()  # a module shared by several parents is traced once, as torch's named_modules does
     for name, module in modules.items():
-        if not name or (include is not None and not include(name)):
+        if not name or (include is not None and not include(name)) or id(module) in seen:
             continue
+        seen.add(id(module))
         cls = type(module)
         convert = _mlx_to_numpy(_layout(name, modules))
 
