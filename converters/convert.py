@@ -22,7 +22,7 @@ import numpy as np
 from converters.layout import LayoutError, mlx_state_dict, torch_to_mlx
 from converters.torch_ckpt import CheckpointError, read_state_dict, write_state_dict
 
-FAMILIES = ("deepfilternet3", "deepfilternet2", "deepfilternet")
+FAMILIES = ("deepfilternet3", "deepfilternet2", "deepfilternet", "deepfilternetmf")
 CONVERTER_VERSION = "1"
 # The upstream layout this converter maps (state_dict names and shapes of deepfilternet 0.5.6).
 REFERENCE_VERSION = "deepfilternet 0.5.6"

@@ -71,6 +71,9 @@ DEEPFILTERNET_KEYS = {
     "mask_pf": ("MASK_PF", bool, False),
     "pf_beta": ("PF_BETA", float, 0.02),
     "lsnr_dropout": ("LSNR_DROPOUT", bool, False),
+    "mfop_method": ("MFOP_METHOD", str, "WF"),
+    "mf_est_inverse": ("MF_ESTIMATE_INVERSE", bool, True),
+    "mf_use_cholesky_decomp": ("MF_USE_CHOLESKY_DECOMP", bool, False),
 }
 
 

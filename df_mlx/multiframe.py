@@ -223,19 +223,26 @@ class _MfFilter(MultiFrameModule):
         """A factor f such that R/f lies in [-1, 1]."""
         return self.r_factors[(self.inverse, self.cholesky_decomp)]
 
-    def _covariance(self, r: mx.array) -> mx.array:
-        """[B, T, F, N*N*2] -> complex [B, T, F, N, N] with df's constraints applied."""
+    def constrain(self, r: mx.array) -> mx.array:
+        """The covariance input [B, T, F, N*N*2] as df's filters leave it: they enforce the
+        constraints in place on the caller's tensor (a zero upper triangle for a Cholesky
+        factor; Hermitian symmetry and a real diagonal for a plain covariance)."""
+        if not self.enforce_constraints or (self.inverse and not self.cholesky_decomp):
+            return r
         n = self.frame_size
-        r = as_complex(r.reshape(*r.shape[:3], n, n, 2))
+        c = as_complex(r.reshape(*r.shape[:3], n, n, 2))
         if self.cholesky_decomp:
-            if self.enforce_constraints:
-                r = r * mx.array(np.tril(np.ones((n, n), np.float32)))
-            r = _matmul(r, _conj_t(r))
-        elif self.enforce_constraints and not self.inverse:
-            low = r * mx.array(np.tril(np.ones((n, n), np.float32), -1))
-            diag = mx.real(mx.diagonal(r, 0, -2, -1))[..., None] * mx.eye(n)
-            r = low + diag + _conj_t(low)
-        return r
+            c = c * mx.array(np.tril(np.ones((n, n), np.float32)))
+        else:
+            low = c * mx.array(np.tril(np.ones((n, n), np.float32), -1))
+            c = low + mx.real(mx.diagonal(c, 0, -2, -1))[..., None] * mx.eye(n) + _conj_t(low)
+        return as_real(c).reshape(r.shape)
+
+    def _covariance(self, r: mx.array) -> mx.array:
+        """[B, T, F, N*N*2] -> complex [B, T, F, N, N], constrained, Cholesky factor expanded."""
+        n = self.frame_size
+        r = as_complex(self.constrain(r).reshape(*r.shape[:3], n, n, 2))
+        return _matmul(r, _conj_t(r)) if self.cholesky_decomp else r
 
     def _weights(self, r: mx.array, ifc: mx.array) -> mx.array:
         """R^-1 ifc: solved (with regularisation) or, for an inverse input, multiplied."""

@@ -27,6 +27,7 @@ TARGETS: Dict[str, Callable[[], List[Report]]] = {
     "dfnet3": _model_reports("deepfilternet3"),
     "dfnet2": _model_reports("deepfilternet2"),
     "dfnet1": _model_reports("deepfilternet"),
+    "dfnetmf": _model_reports("deepfilternetmf"),
 }
 
 

@@ -124,6 +124,49 @@ conv_lookahead = 2
 dfop_method = complex_strided
 """, run_df=False),
     ],
+    "deepfilternetmf": [
+        Variant("default_wf_inverse", ""),
+        Variant("mvdr_cholesky_lookahead_skips", """[df]
+df_lookahead = 2
+df_order = 3
+[deepfilternet]
+mfop_method = mvdr
+mf_use_cholesky_decomp = true
+conv_lookahead = 2
+emb_gru_skip = groupedlinear
+df_gru_skip = groupedlinear
+linear_groups = 8
+mask_pf = true
+"""),
+        Variant("wf_cholesky_concat_kernels_small", """[df]
+nb_erb = 24
+nb_df = 64
+[deepfilternet]
+mf_use_cholesky_decomp = true
+conv_ch = 8
+conv_kernel = 2,3
+conv_kernel_inp = 2,3
+enc_concat = true
+emb_gru_skip = identity
+df_gru_skip = identity
+df_pathway_kernel_size_t = 2
+df_num_layers = 2
+emb_num_layers = 3
+enc_linear_groups = 8
+emb_hidden_dim = 48
+df_hidden_dim = 48
+"""),
+        Variant("sr16k_no_mf", """[df]
+sr = 16000
+fft_size = 320
+hop_size = 160
+nb_erb = 16
+nb_df = 48
+[deepfilternet]
+emb_hidden_dim = 128
+df_hidden_dim = 128
+""", run_df=False),
+    ],
     "deepfilternet2": [
         # The default DF_OUTPUT_LAYER=linear fails in the reference's own forward (0.5.6:
         # DfOutputReshapeOld views the transposed DfDecoderLinear output); that decoder is
@@ -210,14 +253,27 @@ def twin_models(family: str, variant: Variant, seed: int = 0):
 
 
 def model_report(family: str, variant: Variant, frames: int = 100, grads: bool = True,
-                 tol: Tolerance = LAYER, seed: int = 0) -> Report:
+                 tol: Tolerance = LAYER, seed: int = 0, grad_inputs=None, train: bool = False) -> Report:
     """Compare the twin models layer by layer on random inputs (outputs, every traced layer
-    and, with `grads`, the gradients w.r.t. inputs and parameters)."""
+    and, with `grads`, the gradients w.r.t. inputs and parameters). `train` puts both in
+    training mode except their BatchNorms, which keep their running statistics."""
+    import torch
+
+    from df_mlx.layers import BatchNorm2d
+
     ref_model, mlx_model, p = twin_models(family, variant, seed)
+    ref_model.train(train)
+    mlx_model.train(train)
+    for m in ref_model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    for _, m in mlx_model.named_modules():
+        if isinstance(m, BatchNorm2d):
+            m.eval()
     inputs = model_inputs(p, variant.batch, frames, seed)
-    title = f"{family} {variant.name} T={frames} B={variant.batch}"
+    title = f"{family} {variant.name} T={frames} B={variant.batch}" + (" train" if train else "")
     return pair_report(title, ref_model, mlx_model, inputs, tol, grads=grads,
-                       reference=load_reference().describe(), grad_tol=LAYER_GRAD)
+                       reference=load_reference().describe(), grad_tol=LAYER_GRAD, grad_inputs=grad_inputs)
 
 
 def family_reports(family: str, grads: bool = False, frames: int = 100) -> List[Report]:

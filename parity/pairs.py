@@ -56,15 +56,18 @@ def pair_report(
     reference: str = "torch",
     seed: int = 0,
     grad_tol: Optional[Tolerance] = None,
+    grad_inputs: Optional[Sequence[int]] = None,
 ) -> Report:
     """Outputs, traced sub-modules and (with `grads`) gradients of sum(out_i * w_i) with
-    respect to the inputs and all trainable parameters. `to_mlx[i]` maps input i to the MLX
-    module's layout (e.g. NCHW -> NHWC); `out_to_torch[i]` maps MLX output i back."""
+    respect to the inputs (`grad_inputs`, default all float ones) and all trainable parameters.
+    `to_mlx[i]` maps input i to the MLX module's layout (e.g. NCHW -> NHWC); `out_to_torch[i]`
+    maps MLX output i back."""
     import torch
 
     to_mlx = to_mlx or [None] * len(inputs)
-    t_inputs = [torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(grads and x.dtype.kind == "f")
-                for x in inputs]
+    float_idx = [i for i, x in enumerate(inputs) if x.dtype.kind == "f" and (grad_inputs is None or i in grad_inputs)]
+    t_inputs = [torch.from_numpy(np.ascontiguousarray(x)).requires_grad_(grads and i in float_idx)
+                for i, x in enumerate(inputs)]
     m_inputs = [mx.array(f(x) if f else x) for x, f in zip(inputs, to_mlx)]
 
     report = Report(title, reference)
@@ -86,7 +89,6 @@ def pair_report(
     t_params = dict(torch_module.named_parameters())
     t_loss.backward()
 
-    float_idx = [i for i, x in enumerate(inputs) if x.dtype.kind == "f"]
     grad_tol = grad_tol or tol
 
     def loss_fn(params, *xs):

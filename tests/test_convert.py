@@ -98,7 +98,7 @@ def _bad_cases(tmp_path: Path, state):
     shaped = dict(state, **{"enc.lsnr_fc.0.weight": np.zeros((1, 7), np.float32)})
     write_state_dict(shaped, tmp_path / "shaped.pt")
     mismatch = _model_dir(tmp_path / "mismatch", state, "[train]\nmodel = deepfilternet3\n[deepfilternet]\nconv_ch = 8\n")
-    unsupported = _model_dir(tmp_path / "dfmf", state, "[train]\nmodel = deepfilternetmf\n")
+    unsupported = _model_dir(tmp_path / "dfn4", state, "[train]\nmodel = deepfilternet4\n")
     return [
         ("missing_file", tmp_path / "absent.pt", "not found"),
         ("truncated", tmp_path / "truncated.pt", "not a readable PyTorch checkpoint"),

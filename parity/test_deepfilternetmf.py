@@ -1,0 +1,28 @@
+"""DeepFilterNetMF: every traced layer, the outputs and all gradients against
+df.deepfilternetmf, at the default and at non-default configs that switch every option."""
+
+import pytest
+
+from parity.models import VARIANTS, model_report
+from parity.report import Tolerance
+
+FAMILY = "deepfilternetmf"
+# The multi-frame filters multiply O(10) covariance entries (random weights): float32 products
+# are exact to ~1e-6 relative of that scale (measured worst 2e-6).
+MF_LAYER = Tolerance(1e-5, 1e-5, "float32 products of O(10) covariances in the MF filter")
+
+
+@pytest.mark.parametrize("variant", VARIANTS[FAMILY], ids=[v.name for v in VARIANTS[FAMILY]])
+def test_layers_and_outputs(variant):
+    report = model_report(FAMILY, variant, grads=False, tol=MF_LAYER)
+    print(report.table())
+    assert report.passed, report.summary()
+
+
+@pytest.mark.parametrize("variant", VARIANTS[FAMILY], ids=[v.name for v in VARIANTS[FAMILY]])
+def test_gradients_in_training_mode(variant):
+    """df's eval-mode DfNet filters its `spec` input in place, which torch cannot
+    differentiate; in training mode it copies first (BatchNorms keep running statistics)."""
+    report = model_report(FAMILY, variant, grads=True, grad_inputs=(1, 2), train=True, tol=MF_LAYER)
+    print(report.table())
+    assert report.passed, report.summary()
