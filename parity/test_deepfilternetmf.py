@@ -3,13 +3,9 @@ df.deepfilternetmf, at the default and at non-default configs that switch every 
 
 import pytest
 
-from parity.models import VARIANTS, model_report
-from parity.report import Tolerance
+from parity.models import MF_LAYER, VARIANTS, model_report
 
 FAMILY = "deepfilternetmf"
-# The multi-frame filters multiply O(10) covariance entries (random weights): float32 products
-# are exact to ~1e-6 relative of that scale (measured worst 2e-6).
-MF_LAYER = Tolerance(1e-5, 1e-5, "float32 products of O(10) covariances in the MF filter")
 
 
 @pytest.mark.parametrize("variant", VARIANTS[FAMILY], ids=[v.name for v in VARIANTS[FAMILY]])
