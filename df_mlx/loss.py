@@ -351,8 +351,8 @@ class Loss(nn.Module):
     """The config-driven sum of df's losses (sections MaskLoss, SpectralLoss,
     MultiResSpecLoss, SdrLoss, LocalSnrLoss, ASRLoss with df's keys and defaults).
 
-    With `store_losses` the non-zero loss values are collected in `summaries`; df also records
-    SI-SDR and STOI per input SNR there (`store_summaries`), which df-mlx does not yet do."""
+    With `store_losses`, `store_summaries` collects the non-zero loss values and the SI-SDR and
+    STOI of each signal per input SNR, as df does."""
 
     def __init__(self, state, istft: Optional[Istft] = None):
         super().__init__()
@@ -419,10 +419,7 @@ class Loss(nn.Module):
         lsnrl = self.lsnrl(input=lsnr, target_lsnr=lsnr_gt) if self.lsnr_f != 0 else zero
         sdrl = self.sdrl(enhanced_td, clean_td) if self.sdrl_f != 0 else zero
         if self.store_losses and enhanced_td is not None:
-            for name, value in (("MaskLoss", ml), ("SpectralLoss", sl), ("MultiResSpecLoss", mrsl),
-                                ("SdrLoss", sdrl), ("LocalSnrLoss", lsnrl)):
-                if float(value) != 0:
-                    self.summaries[name].append(mx.stop_gradient(value))
+            self.store_summaries(enhanced_td, clean_td, snrs, ml, sl, mrsl, sdrl, zero, lsnrl, zero)
         return ml + sl + mrsl + sdrl + lsnrl
 
     def reset_summaries(self):
@@ -431,3 +428,21 @@ class Loss(nn.Module):
 
     def get_summaries(self):
         return self.summaries.items()
+
+    def store_summaries(self, enh_td: mx.array, clean_td: mx.array, snrs: mx.array, ml: mx.array, sl: mx.array,
+                        mrsl: mx.array, sdrl: mx.array, asrl: mx.array, lsnrl: mx.array, cal: mx.array):
+        """Record the non-zero losses and, per input SNR, each signal's SI-SDR and STOI."""
+        from df_mlx.stoi import stoi
+
+        for name, value in (("MaskLoss", ml), ("SpectralLoss", sl), ("MultiResSpecLoss", mrsl), ("SdrLoss", sdrl),
+                            ("DfAlphaLoss", cal), ("ASRLoss", asrl), ("LocalSnrLoss", lsnrl)):
+            if float(value) != 0:
+                self.summaries[name].append(mx.stop_gradient(value))
+        enh_td = mx.stop_gradient(enh_td.squeeze(1))
+        clean_td = mx.stop_gradient(clean_td.squeeze(1))
+        sdr_vals = np.array(SiSdr()(enh_td, target=clean_td))
+        stoi_vals = np.array(stoi(y=enh_td, x=clean_td, fs_source=self.sr))
+        snrs = np.array(snrs)
+        for snr in np.unique(snrs):
+            self.summaries[f"sdr_snr_{snr.item()}"].extend(mx.array(v) for v in sdr_vals[snrs == snr])
+            self.summaries[f"stoi_snr_{snr.item()}"].extend(mx.array(v) for v in stoi_vals[snrs == snr])

@@ -222,3 +222,39 @@ def test_combined_loss(mask, ws, tmp_path):
         report.layers[-1].name = f"grad.{name}"
     report.layers[0].name = "value"
     _assert(report)
+
+
+def test_loss_summaries(tmp_path, monkeypatch):
+    """With store_losses, both record the same loss values and per-SNR SI-SDR/STOI."""
+    import libdf
+
+    from df_mlx.io import resample
+    from df_mlx.libdf import DF
+    from parity.reference import load_configs
+
+    stoi_ref = import_ref("stoi")  # df.io.resample (torchaudio) is replaced by df_mlx's port
+    monkeypatch.setattr(stoi_ref, "resample", lambda x, a, b: torch.from_numpy(resample(x.numpy(), a, b)))
+    monkeypatch.setattr(ref, "stoi", stoi_ref.stoi)
+    load_configs(LOSS_INI.format(mask="iam", ws=""), tmp_path)
+    state = libdf.DF(48000, 960, 480, 32, 2)
+    window = state.fft_window().copy()
+    clean, noisy = (x[..., 0] + 1j * x[..., 1] for x in _spectra("real"))
+    enhanced = (clean + 0.3 * (noisy - clean)).astype(np.complex64)
+    mask_est = np.random.default_rng(1).random(clean.shape[:3] + (32,), dtype=np.float32)
+    lsnr = np.zeros(clean.shape[:1] + clean.shape[2:3] + (1,), np.float32)
+    snrs = np.array([0, 5], dtype=np.float32)
+    t_loss = ref.Loss(state, ref.Istft(960, 480, torch.from_numpy(window)))
+    m_loss = ours.Loss(DF(48000, 960, 480, 32, 2), ours.Istft(960, 480, mx.array(window)))
+    t_loss.store_losses = m_loss.store_losses = True
+    args = [clean, noisy, enhanced, mask_est, lsnr, snrs]
+    with torch.no_grad():
+        t_loss(*(torch.from_numpy(a) for a in args))
+    m_loss(*(mx.array(a) for a in args))
+    t_sum, m_sum = dict(t_loss.get_summaries()), dict(m_loss.get_summaries())
+    assert sorted(m_sum) == sorted(t_sum)
+    report = Report("Loss summaries", "df.loss")
+    for key in t_sum:
+        tol = Tolerance(1e-4, 1e-4, "SI-SDR in dB / STOI of tiny signals") if "snr" in key else VALUE
+        report.add(compare(key, np.array([float(v) for v in m_sum[key]]),
+                           np.array([float(v) for v in t_sum[key]]), tol))
+    _assert(report)
