@@ -22,7 +22,17 @@ def _model_reports(family: str) -> Callable[[], List[Report]]:
     return reports
 
 
+def _growth_reports() -> List[Report]:
+    """Each family at its default config, forward only, at T = 100, 1000 and 6000 frames."""
+    from parity.models import VARIANTS, model_report
+
+    return [model_report(family, VARIANTS[family][0], frames=frames, grads=False)
+            for family in ("deepfilternet", "deepfilternet2", "deepfilternet3", "deepfilternetmf")
+            for frames in (100, 1000, 6000)]
+
+
 TARGETS: Dict[str, Callable[[], List[Report]]] = {
+    "growth": _growth_reports,
     "dsp": _dsp_reports,
     "dfnet3": _model_reports("deepfilternet3"),
     "dfnet2": _model_reports("deepfilternet2"),
