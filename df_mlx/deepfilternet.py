@@ -13,7 +13,7 @@ from loguru import logger
 from df_mlx.config import DfParams
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
-from df_mlx.modules import DfOp, GroupedGRU, GroupedLinear, Mask, Sequential, convkxf, erb_fb
+from df_mlx.modules import DfOp, GroupedGRU, GroupedLinear, Mask, Sequential, convkxf, erb_filterbanks
 
 
 class ModelParams(DfParams):
@@ -28,10 +28,7 @@ class ModelParams(DfParams):
 
 
 def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):
-    p = ModelParams()
-    if df_state is None:
-        df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb)
-    return DfNet(erb_fb(df_state.erb_widths(), p.sr, inverse=True), run_df, train_mask)
+    return DfNet(erb_filterbanks(ModelParams(), df_state)[1], run_df, train_mask)
 
 
 def _time_major(x: mx.array) -> mx.array:

@@ -18,7 +18,6 @@ from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
 from df_mlx.logger import log_deprecated
 from df_mlx.modules import (
-    ConstantPad2d,
     Conv2dNormAct,
     DfOp,
     GroupedGRU,
@@ -28,7 +27,7 @@ from df_mlx.modules import (
     Mask,
     Sequential,
     SqueezedGRU,
-    erb_fb,
+    erb_filterbanks,
 )
 
 
@@ -45,12 +44,7 @@ class ModelParams(DfParams):
 
 
 def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):
-    p = ModelParams()
-    if df_state is None:
-        df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb)
-    erb = erb_fb(df_state.erb_widths(), p.sr, inverse=False)
-    erb_inverse = erb_fb(df_state.erb_widths(), p.sr, inverse=True)
-    return DfNet(erb, erb_inverse, run_df, train_mask)
+    return DfNet(*erb_filterbanks(ModelParams(), df_state), run_df, train_mask)
 
 
 Add, Concat = dfn3.Add, dfn3.Concat
@@ -214,11 +208,7 @@ class DfNet(nn.Module):
         self.freq_bins: int = p.fft_size // 2 + 1
         self.emb_dim: int = p.conv_ch * p.nb_erb
         self.erb_bins: int = p.nb_erb
-        if p.conv_lookahead > 0:
-            self.pad = ConstantPad2d((0, 0, -p.conv_lookahead, p.conv_lookahead), 0.0)
-        else:
-            self.pad = Identity()
-            self.pad.trace_layout = "NHWC"
+        self.pad = dfn3.feature_pad(p, check_df_lookahead=False)
         self.erb_fb = erb_fb
         self.freeze(keys=["erb_fb"], recurse=False)
         self.enc = Encoder()

@@ -26,7 +26,7 @@ from df_mlx.modules import (
     Mask,
     Sequential,
     SqueezedGRU_S,
-    erb_fb,
+    erb_filterbanks,
 )
 
 PI = 3.1415926535897932384626433
@@ -45,12 +45,19 @@ class ModelParams(DfParams):
 
 
 def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):
-    p = ModelParams()
-    if df_state is None:
-        df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb)
-    erb = erb_fb(df_state.erb_widths(), p.sr, inverse=False)
-    erb_inverse = erb_fb(df_state.erb_widths(), p.sr, inverse=True)
-    return DfNet(erb, erb_inverse, run_df, train_mask)
+    return DfNet(*erb_filterbanks(ModelParams(), df_state), run_df, train_mask)
+
+
+def feature_pad(p, check_df_lookahead: bool = True) -> nn.Module:
+    """Shifts the features CONV_LOOKAHEAD frames ahead (drops the first, appends zeros), on
+    channels-last maps; an identity without lookahead."""
+    if p.conv_lookahead > 0:
+        if check_df_lookahead and p.conv_lookahead < p.df_lookahead:
+            raise ValueError("CONV_LOOKAHEAD must be >= DF_LOOKAHEAD")
+        return ConstantPad2d((0, 0, -p.conv_lookahead, p.conv_lookahead), 0.0)
+    pad = Identity()
+    pad.trace_layout = "NHWC"
+    return pad
 
 
 class Add(nn.Module):
@@ -278,13 +285,7 @@ class DfNet(nn.Module):
         self.freq_bins: int = p.fft_size // 2 + 1
         self.emb_dim: int = p.conv_ch * p.nb_erb
         self.erb_bins: int = p.nb_erb
-        if p.conv_lookahead > 0:
-            if p.conv_lookahead < p.df_lookahead:
-                raise ValueError("CONV_LOOKAHEAD must be >= DF_LOOKAHEAD")
-            self.pad_feat = ConstantPad2d((0, 0, -p.conv_lookahead, p.conv_lookahead), 0.0)
-        else:
-            self.pad_feat = Identity()
-            self.pad_feat.trace_layout = "NHWC"
+        self.pad_feat = feature_pad(p)
         self.erb_fb = erb_fb
         self.freeze(keys=["erb_fb"], recurse=False)
         self.enc = Encoder()

@@ -16,7 +16,7 @@ import df_mlx.multiframe as MF
 from df_mlx.config import DfParams
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
-from df_mlx.modules import ConstantPad2d, Conv2dNormAct, GroupedLinearEinsum, Identity, Mask, SqueezedGRU_S, erb_fb
+from df_mlx.modules import Conv2dNormAct, GroupedLinearEinsum, Identity, Mask, SqueezedGRU_S, erb_filterbanks
 
 
 class ModelParams(DfParams):
@@ -33,12 +33,7 @@ class ModelParams(DfParams):
 
 
 def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):
-    p = ModelParams()
-    if df_state is None:
-        df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb)
-    erb = erb_fb(df_state.erb_widths(), p.sr, inverse=False)
-    erb_inverse = erb_fb(df_state.erb_widths(), p.sr, inverse=True)
-    return DfNet(erb, erb_inverse, run_df, train_mask)
+    return DfNet(*erb_filterbanks(ModelParams(), df_state), run_df, train_mask)
 
 
 Add, Concat = dfn3.Add, dfn3.Concat
@@ -120,13 +115,7 @@ class DfNet(nn.Module):
         self.freq_bins: int = p.fft_size // 2 + 1
         self.emb_dim: int = p.conv_ch * p.nb_erb
         self.erb_bins: int = p.nb_erb
-        if p.conv_lookahead > 0:
-            if p.conv_lookahead < p.df_lookahead:
-                raise ValueError("CONV_LOOKAHEAD must be >= DF_LOOKAHEAD")
-            self.pad_feat = ConstantPad2d((0, 0, -p.conv_lookahead, p.conv_lookahead), 0.0)
-        else:
-            self.pad_feat = Identity()
-            self.pad_feat.trace_layout = "NHWC"
+        self.pad_feat = dfn3.feature_pad(p)
         self.erb_fb = erb_fb
         self.freeze(keys=["erb_fb"], recurse=False)
         self.enc = Encoder()

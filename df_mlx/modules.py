@@ -37,6 +37,17 @@ def erb_fb(widths: np.ndarray, sr: int, normalized: bool = True, inverse: bool =
     return mx.array(fb.astype(np.float32))
 
 
+def erb_filterbanks(p, df_state=None):
+    """(erb_fb, inverse erb_fb) for the model parameters `p`, from `df_state` or, as df's
+    `init_model`s do, a DF state built from p (libdf's default min_nb_erb_freqs)."""
+    from df_mlx.libdf import DF
+
+    if df_state is None:
+        df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb)
+    widths = df_state.erb_widths()
+    return erb_fb(widths, p.sr, inverse=False), erb_fb(widths, p.sr, inverse=True)
+
+
 class Sequential(nn.Module):
     """`torch.nn.Sequential` with torch's child names ("0", "1", ... or the names of an
     OrderedDict): the flattened parameter names then equal the torch `state_dict` keys (MLX's
