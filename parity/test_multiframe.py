@@ -1,5 +1,5 @@
-"""df_mlx.multiframe against df.multiframe: every filter in every input form, helpers, and
-gradients where the math is differentiable in both (the inverse-input filters)."""
+"""df_mlx.multiframe against df.multiframe: every filter in every input form (outputs, the
+covariance df constrains in place, gradients through products and solves) and the helpers."""
 
 import itertools
 
@@ -53,19 +53,20 @@ def test_mf_filters(cls, cholesky, inverse, constraints, lookahead):
     report = Report(f"{cls} {kw} la={lookahead}", "df.multiframe")
     t_in = [torch.from_numpy(x.copy()) for x in (spec, ifc, r)]
     for x in t_in[:2]:
-        x.requires_grad_(inverse)
+        x.requires_grad_(True)
     t_out = tm(*t_in)
     m_out = mm(*map(mx.array, (spec, ifc, r)))
     tol = FLOAT32 if inverse else SOLVE
     report.add(compare("output", m_out, t_out, tol))
+    # df enforces the constraints on the caller's covariance tensor in place
+    report.add(compare("constrained covariance", mm.constrain(mx.array(r)), t_in[2], Tolerance(0, 0, "copies")))
     assert mm.get_r_factor() == tm.get_r_factor()
-    if inverse:  # torch.linalg.solve/inverse paths are not differentiated in MLX here
-        w = _rand(*t_out.shape, seed=3)
-        (t_out * torch.from_numpy(w)).sum().backward()
-        grads = mx.grad(lambda s, i: (mm(s, i, mx.array(r)) * mx.array(w)).sum(), argnums=(0, 1))(
-            mx.array(spec), mx.array(ifc))
-        report.add(compare("grad.spec", grads[0], t_in[0].grad, tol))
-        report.add(compare("grad.ifc", grads[1], t_in[1].grad, tol))
+    w = _rand(*t_out.shape, seed=3)
+    (t_out * torch.from_numpy(w)).sum().backward()
+    grads = mx.grad(lambda s, i: (mm(s, i, mx.array(r)) * mx.array(w)).sum(), argnums=(0, 1))(
+        mx.array(spec), mx.array(ifc))
+    report.add(compare("grad.spec", grads[0], t_in[0].grad, tol))
+    report.add(compare("grad.ifc", grads[1], t_in[1].grad, tol))
     _assert(report)
 
 
@@ -87,9 +88,15 @@ def test_helpers():
     report.add(compare("solve", ours.MultiFrameModule.solve(mx.array(mc), mx.array(rssc)),
                        ref.MultiFrameModule.solve(torch.from_numpy(mc), torch.from_numpy(rssc)), SOLVE))
     xw = _rand(2, 15, 9, 6, seed=5)
-    for dim in (1, 2, -1, -2):
-        report.add(compare(f"as_windowed dim={dim}", ours.as_windowed(mx.array(xw), 3, 1, dim),
-                           ref.as_windowed(torch.from_numpy(xw), 3, 1, dim), Tolerance(0, 0, "copies")))
+    for dim, step, window in itertools.product((0, 1, 2, -1, -2), (1, 2, 3), (2, 3)):
+        try:
+            expected = ref.as_windowed(torch.from_numpy(xw), window, step, dim)
+        except RuntimeError:  # df's strided view reads past the tensor (step > 1): ours refuses too
+            with pytest.raises(ValueError, match="reads past"):
+                ours.as_windowed(mx.array(xw), window, step, dim)
+            continue
+        report.add(compare(f"as_windowed dim={dim} step={step} window={window}",
+                           ours.as_windowed(mx.array(xw), window, step, dim), expected, Tolerance(0, 0, "copies")))
     coefs = _rand(2, 1, 15, 9, 2, seed=4)
     cc = coefs[..., 0] + 1j * coefs[..., 1]
     report.add(compare("CRM", ours.CRM(9).forward_impl(mx.array(xc[..., None]), mx.array(cc)),
