@@ -84,3 +84,21 @@ def test_bad_input():
         ours.stoi(np.zeros((1, 100)), np.zeros((1, 90)), 10000)
     with pytest.raises(ValueError, match="batch_size"):
         ours.stoi(np.zeros(100), np.zeros(100), 10000)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        ours.stoi(np.full((1, 20000), np.nan), np.zeros((1, 20000)), 10000)
+    for fs in (0, -16000, 16000.5, True):
+        with pytest.raises(ValueError, match="sampling rate"):
+            ours.stoi(np.zeros((1, 20000)), np.zeros((1, 20000)), fs)
+
+
+def test_degenerate_signals(ref):
+    """Too short after silence removal: NaN and a warning (df leaves the entry uninitialised).
+    An all-silent target: 0, as df's arithmetic gives."""
+    rng = np.random.default_rng(0)
+    short = rng.standard_normal((1, 300)).astype(np.float32)
+    assert np.isnan(np.array(ours.stoi(short, short, 10000))).all()
+    silent, noise = np.zeros((1, 20000), np.float32), rng.standard_normal((1, 20000)).astype(np.float32)
+    expected = ref.stoi(torch.from_numpy(silent), torch.from_numpy(noise), 10000).numpy()
+    got = np.array(ours.stoi(silent, noise, 10000))
+    np.testing.assert_allclose(got, expected, atol=VALUE.atol)
+    assert got[0] == 0
