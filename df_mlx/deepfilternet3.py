@@ -352,7 +352,7 @@ def post_filter_gain(spec_e: mx.array, spec: mx.array, beta: float, eps: float =
     """DFN3's output post-filter gain per bin, from the enhanced/noisy magnitude ratio."""
     mag = lambda x: mx.sqrt(mx.sum(mx.square(x), axis=-1))  # noqa: E731
     mask = mx.clip(mag(spec_e) / (mag(spec) + eps), eps, 1)
-    mask_sin = mx.maximum(mask * mx.sin(PI * mask / 2), eps)
+    mask_sin = mask * mx.maximum(mx.sin(PI * mask / 2), eps)
     return (1 + beta) / (1 + beta * mx.square(mask / mask_sin))
 
 
