@@ -1,0 +1,106 @@
+"""`dfmlx eval`: score enhanced audio against clean references with df's evaluation loops.
+
+Two modes, both through `df_mlx.evaluation_utils` (at parity with `df.evaluation_utils`):
+- `dfmlx eval CLEAN_DIR ENHANCED_DIR [--noisy-dir DIR]`: files already enhanced (by any
+  system) are scored at 16 kHz as df's `evaluation_loop_dir_only` does;
+- `dfmlx eval CLEAN_DIR --noisy-dir DIR [--model M]`: the noisy files are enhanced by an MLX
+  model (default: the embedded DeepFilterNet3) and scored at the model rate, as df's
+  `evaluation_loop` does (noisy scores included).
+
+Files pair up by name: an enhanced or noisy file matches a clean file with the same name, or
+`<clean stem>_<anything>` with the same extension (what `dfmlx enhance` writes with its model
+suffix), when that match is unique.
+"""
+
+import os
+from typing import Dict, List
+
+import click
+
+from df_mlx.enhance_cli import expand_inputs
+
+# Metrics that compare against a clean reference (the non-intrusive DNSMOS ones have their own loop).
+INTRUSIVE_METRICS = ("stoi", "sisdr", "composite", "composite-octave", "pesq", "pesq-nb")
+
+
+def match_files(clean_files: List[str], directory: str, what: str) -> List[str]:
+    """For each clean file the file of `directory` with its name (or `<stem>_*<ext>`)."""
+    candidates = expand_inputs([directory])
+    by_name = {os.path.basename(p): p for p in candidates}
+    matched, missing = [], []
+    for clean in clean_files:
+        name = os.path.basename(clean)
+        stem, ext = os.path.splitext(name)
+        if name in by_name:
+            matched.append(by_name[name])
+            continue
+        suffixed = [p for n, p in by_name.items() if n.startswith(stem + "_") and n.endswith(ext)]
+        if len(suffixed) == 1:
+            matched.append(suffixed[0])
+        else:
+            missing.append(name + (" (ambiguous)" if suffixed else ""))
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise click.ClickException(f"no {what} file in {directory} for {', '.join(missing[:3])}{more}")
+    return matched
+
+
+def _metric_list(metrics: str) -> List[str]:
+    names = [m.strip().lower() for m in metrics.split(",") if m.strip()]
+    unknown = [m for m in names if m not in INTRUSIVE_METRICS]
+    if not names or unknown:
+        raise click.ClickException(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+                                   f"choose from {', '.join(INTRUSIVE_METRICS)}")
+    return names
+
+
+def format_means(means: Dict[str, float]) -> str:
+    """The metric means as an aligned two-column table."""
+    width = max(len(k) for k in means)
+    return "\n".join(f"{k:<{width}}  {float(v):8.4f}" for k, v in means.items())
+
+
+@click.command("eval")
+@click.argument("clean_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("enhanced_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("-n", "--noisy-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Noisy files: scored too; enhanced by --model when ENHANCED_DIR is not given.")
+@click.option("-m", "--model", "model_dir", default=None,
+              help="Model that enhances the noisy files when ENHANCED_DIR is not given "
+                   "(default: the embedded DeepFilterNet3).")
+@click.option("--metrics", default="stoi,sisdr,composite", show_default=True,
+              help=f"Comma-separated, from: {', '.join(INTRUSIVE_METRICS)}.")
+@click.option("--csv-enh", type=click.Path(dir_okay=False), default=None, help="Per-file scores of the enhanced files.")
+@click.option("--csv-noisy", type=click.Path(dir_okay=False), default=None, help="Per-file scores of the noisy files.")
+@click.option("-j", "--workers", type=int, default=0, show_default=True,
+              help="Metric worker processes (0: compute in this process).")
+@click.option("--log-level", default="WARNING", show_default=True)
+def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, csv_noisy, workers, log_level):
+    """Score enhanced audio against clean references (STOI, SI-SDR, PESQ, composite)."""
+    from df_mlx import evaluation_utils as eu
+    from df_mlx.logger import init_logger
+
+    names = _metric_list(metrics)
+    clean_files = expand_inputs([clean_dir])
+    if not clean_files:
+        raise click.ClickException(f"no audio files in {clean_dir}")
+    if enhanced_dir is None and noisy_dir is None:
+        raise click.ClickException("give ENHANCED_DIR, or --noisy-dir to enhance with --model")
+    if enhanced_dir is not None and model_dir is not None:
+        raise click.ClickException("--model enhances the noisy files: leave out ENHANCED_DIR to use it")
+    noisy_files = match_files(clean_files, noisy_dir, "noisy") if noisy_dir else []
+    kw = dict(metrics=names, n_workers=workers, log_percent=10, csv_path_enh=csv_enh, csv_path_noisy=csv_noisy)
+    try:
+        if enhanced_dir is not None:
+            init_logger(level=log_level)
+            enh_files = match_files(clean_files, enhanced_dir, "enhanced")
+            means = eu.evaluation_loop_dir_only(clean_files, enh_files, noisy_files, **kw)
+        else:
+            from df_mlx.enhance import init_df
+
+            model, df_state, _ = init_df(model_dir, log_level=log_level, log_file=None)
+            means = eu.evaluation_loop(df_state, model, clean_files, noisy_files, noisy_metric=True, **kw)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    click.echo(format_means(means))
+
