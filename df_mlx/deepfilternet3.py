@@ -83,6 +83,19 @@ def gru_skip(kind: str, input_size: int, output_size: int, groups: int):
     raise ValueError(f"Unknown GRU skip `{kind}` (none, identity or groupedlinear)")
 
 
+def conv_stacks(enc: nn.Module, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
+    """The convolutional part of DFN3's encoder, for any encoder with its layer names (DFNet4's
+    too): e0..e3, the flattened e3 [B, T, C*E/4], the projected spectrum map and c0."""
+    e0 = enc.erb_conv0(feat_erb)
+    e1 = enc.erb_conv1(e0)
+    e2 = enc.erb_conv2(e1)
+    e3 = enc.erb_conv3(e2)
+    c0 = enc.df_conv0(feat_spec)
+    c1 = enc.df_conv1(c0)
+    b, t = c1.shape[:2]
+    return e0, e1, e2, e3, e3.reshape(b, t, -1), enc.df_fc_emb(c1.reshape(b, t, -1)), c0
+
+
 class Encoder(nn.Module):
     """ERB and complex-feature conv stacks, their fused embedding through a GRU, and the local
     SNR head. DeepFilterNet2 reuses the stacks with its own embedding (`_build_embedding`)."""
@@ -140,15 +153,8 @@ class Encoder(nn.Module):
 
     def __call__(self, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
         """feat_erb [B, T, E, 1], feat_spec [B, T, F', 2] -> e0..e3, emb [B, T, D], c0, lsnr."""
-        e0 = self.erb_conv0(feat_erb)
-        e1 = self.erb_conv1(e0)
-        e2 = self.erb_conv2(e1)
-        e3 = self.erb_conv3(e2)
-        c0 = self.df_conv0(feat_spec)
-        c1 = self.df_conv1(c0)
-        b, t = c1.shape[:2]
-        cemb = self.df_fc_emb(c1.reshape(b, t, -1))
-        emb = self.combine(e3.reshape(b, t, -1), cemb)
+        e0, e1, e2, e3, erb_emb, cemb, c0 = conv_stacks(self, feat_erb, feat_spec)
+        emb = self.combine(erb_emb, cemb)
         emb, _ = self.emb_gru(emb)
         lsnr = self.lsnr_fc(emb) * self.lsnr_scale + self.lsnr_offset
         return e0, e1, e2, e3, emb, c0, lsnr
@@ -297,13 +303,7 @@ class DfNet(nn.Module):
         self.df_op = MF.DF(num_freqs=p.nb_df, frame_size=p.df_order, lookahead=self.df_lookahead)
         self.df_dec = DfDecoder()
         self.df_out_transform = DfOutputReshapeMF(self.df_order, p.nb_df)
-        self.run_erb = p.nb_df + 1 < self.freq_bins
-        if not self.run_erb:
-            logger.warning("Running without ERB stage")
-        self.run_df = run_df
-        if not run_df:
-            logger.warning("Running without DF stage")
-        self.train_mask = train_mask
+        set_stages(self, p.nb_df, run_df, train_mask)
         self.lsnr_droput = p.lsnr_dropout
 
     def __call__(self, spec: mx.array, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
@@ -346,6 +346,17 @@ class DfNet(nn.Module):
         if self.post_filter:
             spec_e = spec_e * post_filter_gain(spec_e, spec, self.post_filter_beta)[..., None]
         return spec_e
+
+
+def set_stages(model: nn.Module, nb_df: int, run_df: bool, train_mask: bool):
+    """run_erb (off when DF covers every bin), run_df and train_mask, with df's warnings."""
+    model.run_erb = nb_df + 1 < model.freq_bins
+    if not model.run_erb:
+        logger.warning("Running without ERB stage")
+    model.run_df = run_df
+    if not run_df:
+        logger.warning("Running without DF stage")
+    model.train_mask = train_mask
 
 
 def post_filter_gain(spec_e: mx.array, spec: mx.array, beta: float, eps: float = 1e-12) -> mx.array:

@@ -23,7 +23,6 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from loguru import logger
 
 import df_mlx.deepfilternet3 as dfn3
 import df_mlx.multiframe as MF
@@ -89,6 +88,17 @@ class ModelParams4(DfParams):
 
 
 ModelParams = ModelParams4
+
+
+def _erb_stage(model: nn.Module, spec: mx.array, dec_inputs: tuple, keep: Optional[mx.array], frames: int):
+    """ERB mask [B, 1, T, E] (frames dropped by the lsnr dropout put back as zeros) and the masked
+    spectrum; zeros without the ERB stage."""
+    if not model.run_erb:
+        return mx.zeros(()), mx.zeros_like(spec)
+    m = model.erb_dec(*dec_inputs).transpose(0, 3, 1, 2)
+    if keep is not None:
+        m = dfn3._scatter_frames(m, keep, frames, axis=2)
+    return m, model.mask(spec, m)
 
 
 def init_model(df_state: Optional[DF] = None, run_df: bool = True, train_mask: bool = True):
@@ -331,7 +341,7 @@ class Encoder4(MagnitudeEncoder):
         self.lsnr_offset = lsnr_min
 
     def __call__(self, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
-        e0, e1, e2, e3, emb, cemb, c0 = self.conv_stacks(feat_erb, feat_spec)
+        e0, e1, e2, e3, emb, cemb, c0 = dfn3.conv_stacks(self, feat_erb, feat_spec)
         emb, _ = self.emb_gru(self.combine(emb, cemb))
         lsnr = self.lsnr_fc(emb) * self.lsnr_scale + self.lsnr_offset
         return e0, e1, e2, e3, emb, c0, lsnr
@@ -406,13 +416,7 @@ class DfNet4(nn.Module):
                                              df_pathway_kernel_size_t=p.df_pathway_kernel_size_t, **common)
             self.df_op = MF.DF(num_freqs=p.nb_df, frame_size=p.df_order, lookahead=self.df_lookahead)
             self.df_order = p.df_order
-        self.run_erb = p.nb_df + 1 < self.freq_bins
-        if not self.run_erb:
-            logger.warning("Running without ERB stage")
-        self.run_df = run_df
-        if not run_df:
-            logger.warning("Running without DF stage")
-        self.train_mask = train_mask
+        dfn3.set_stages(self, p.nb_df, run_df, train_mask)
         self.lsnr_dropout = p.lsnr_dropout
 
     def __call__(self, spec: mx.array, feat_erb: mx.array, feat_spec: mx.array,
@@ -431,13 +435,7 @@ class DfNet4(nn.Module):
         if self.lsnr_dropout and self.training:
             keep = dfn3._frames_above(lsnr, -10.0)
             emb, e0, e1, e2, e3, c0 = (x[:, keep] for x in (emb, e0, e1, e2, e3, c0))
-        if self.run_erb:
-            m = self.erb_dec(emb, e3, e2, e1, e0).transpose(0, 3, 1, 2)
-            if keep is not None:
-                m = dfn3._scatter_frames(m, keep, frames, axis=2)
-            spec_m = self.mask(spec, m)
-        else:
-            m, spec_m = mx.zeros(()), mx.zeros_like(spec)
+        m, spec_m = _erb_stage(self, spec, (emb, e3, e2, e1, e0), keep, frames)
         if not self.run_df:
             df_coefs, spec_e = mx.zeros(()), spec_m
         else:
@@ -507,13 +505,7 @@ class DfNet4Lite(nn.Module):
             if above.any().item():
                 keep = mx.array([i for i, a in enumerate(above.tolist()) if a])
                 emb, e0, e1, e2, e3, c0 = (x[:, keep] for x in (emb, e0, e1, e2, e3, c0))
-        if self.run_erb:
-            m = self.erb_dec(emb, e3, e2, e1, e0).transpose(0, 3, 1, 2)
-            if keep is not None:
-                m = dfn3._scatter_frames(m, keep, frames, axis=2)
-            spec_m = self.mask(spec, m)
-        else:
-            m, spec_m = mx.zeros(()), mx.zeros_like(spec)
+        m, spec_m = _erb_stage(self, spec, (emb, e3, e2, e1, e0), keep, frames)
         if self.run_df:
             df_coefs = self.df_dec(emb, c0)
             if keep is not None:

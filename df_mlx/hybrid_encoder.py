@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from df_mlx import deepfilternet3 as dfn3
 from df_mlx.layers import BatchNorm2d, linear
 from df_mlx.mamba import Conv1d, Mamba
 from df_mlx.modules import Conv2dNormAct, GroupedLinearEinsum, Sequential, SqueezedGRU_S
@@ -207,20 +208,8 @@ class MagnitudeEncoder(nn.Module):
         self.df_fc_emb = Sequential(GroupedLinearEinsum(conv_ch * nb_df // 2, self.emb_in_dim, groups=enc_lin_groups),
                                     nn.ReLU())
 
-    def conv_stacks(self, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
-        """e0..e3, the flattened e3 [B, T, C*E/4], the projected spectrum map and c0."""
-        e0 = self.erb_conv0(feat_erb)
-        e1 = self.erb_conv1(e0)
-        e2 = self.erb_conv2(e1)
-        e3 = self.erb_conv3(e2)
-        c0 = self.df_conv0(feat_spec)
-        c1 = self.df_conv1(c0)
-        b, t = c1.shape[:2]
-        cemb = self.df_fc_emb(c1.reshape(b, t, -1))
-        return e0, e1, e2, e3, e3.reshape(b, t, -1), cemb, c0
-
     def __call__(self, feat_erb: mx.array, feat_spec: mx.array) -> Tuple[mx.array, ...]:
-        e0, e1, e2, e3, emb, cemb, c0 = self.conv_stacks(feat_erb, feat_spec)
+        e0, e1, e2, e3, emb, cemb, c0 = dfn3.conv_stacks(self, feat_erb, feat_spec)
         return e0, e1, e2, e3, emb + cemb, c0
 
 
