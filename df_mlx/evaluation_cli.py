@@ -74,7 +74,7 @@ def format_means(means: Dict[str, float]) -> str:
 @click.option("--csv-noisy", type=click.Path(dir_okay=False), default=None, help="Per-file scores of the noisy files.")
 @click.option("-j", "--workers", type=int, default=0, show_default=True,
               help="Metric worker processes (0: compute in this process).")
-@click.option("--log-level", default="WARNING", show_default=True)
+@click.option("--log-level", default="ERROR", show_default=True)
 def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, csv_noisy, workers, log_level):
     """Score enhanced audio against clean references (STOI, SI-SDR, PESQ, composite)."""
     from df_mlx import evaluation_utils as eu
@@ -89,7 +89,8 @@ def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, cs
     if enhanced_dir is not None and model_dir is not None:
         raise click.ClickException("--model enhances the noisy files: leave out ENHANCED_DIR to use it")
     noisy_files = match_files(clean_files, noisy_dir, "noisy") if noisy_dir else []
-    kw = dict(metrics=names, n_workers=workers, log_percent=10, csv_path_enh=csv_enh, csv_path_noisy=csv_noisy)
+    kw = dict(metrics=names, n_workers=workers, log_percent=-1, csv_path_enh=csv_enh, csv_path_noisy=csv_noisy,
+              progress_bar=True)
     try:
         if enhanced_dir is not None:
             init_logger(level=log_level)
@@ -101,6 +102,15 @@ def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, cs
             model, df_state, _ = init_df(model_dir, log_level=log_level, log_file=None)
             means = eu.evaluation_loop(df_state, model, clean_files, noisy_files, noisy_metric=True, **kw)
     except (ValueError, RuntimeError, OSError) as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise click.ClickException(_one_line(e))
     click.echo(format_means(means))
+
+
+def _one_line(e: Exception) -> str:
+    """The first line of an error's message (pesq's errors carry bytes, e.g. b'No utterances detected')."""
+    msg = e.args[0] if len(e.args) == 1 else str(e)
+    if isinstance(msg, bytes):
+        msg = f"metric failed: {msg.decode(errors='replace')}"
+    msg = str(msg).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
 

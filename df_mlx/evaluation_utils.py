@@ -62,6 +62,15 @@ def log_progress(iterable, total: Optional[int] = None, log_freq_percent=25, des
             logged.add(progress)
 
 
+def _with_bar(iterable, total: int, progress_bar: bool):
+    """A tqdm bar over the files when asked (df-mlx's addition to df's signatures, for `dfmlx eval`)."""
+    if not progress_bar:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, unit="file")
+
+
 def highpass_biquad(audio: np.ndarray, sr: int, cutoff_freq: float, Q: float = 0.707) -> np.ndarray:
     """torchaudio.functional.highpass_biquad (RBJ cookbook coefficients, lfilter clamped to [-1, 1])."""
     from scipy.signal import lfilter
@@ -147,6 +156,7 @@ def evaluation_loop(
     csv_path_noisy: Optional[str] = None,
     noisy_metric: bool = False,
     sleep_ms=0,
+    progress_bar: bool = False,
 ) -> Dict[str, float]:
     """Enhance each noisy file with `model` and score it against its clean file (both passed
     through the STFT round trip, as df); means per metric ("Enhanced X", "Noisy    X")."""
@@ -154,7 +164,8 @@ def evaluation_loop(
     sr = df_state.sr()
     with _pool(n_workers) as pool:
         ms = _make_metrics(metrics, get_metrics(sr), pool)
-        for noisyfn, cleanfn in log_progress(zip(noisy_files, clean_files), len(noisy_files), log_percent):
+        pairs = _with_bar(zip(noisy_files, clean_files), len(noisy_files), progress_bar)
+        for noisyfn, cleanfn in log_progress(pairs, len(noisy_files), log_percent):
             noisy = np.array(load_audio(noisyfn, sr, method=RESAMPLE_METHOD)[0])
             clean = np.array(load_audio(cleanfn, sr, method=RESAMPLE_METHOD)[0])
             logger.debug(f"Processing {os.path.basename(noisyfn)}, {os.path.basename(cleanfn)}")
@@ -179,6 +190,7 @@ def evaluation_loop_dir_only(
     log_percent: int = 25,
     csv_path_enh: Optional[str] = None,
     csv_path_noisy: Optional[str] = None,
+    progress_bar: bool = False,
 ) -> Dict[str, float]:
     """Score already enhanced files (and optionally the noisy ones) against clean files, all
     loaded at 16 kHz as df does."""
@@ -189,8 +201,8 @@ def evaluation_loop_dir_only(
     with _pool(n_workers) as pool:
         ms = _make_metrics(metrics, get_metrics(sr), pool)
         noisy = None
-        for cleanfn, enhfn, noisyfn in log_progress(zip(clean_files, enh_files, noisy_files), len(noisy_files),
-                                                    log_percent):
+        triples = _with_bar(zip(clean_files, enh_files, noisy_files), len(clean_files), progress_bar)
+        for cleanfn, enhfn, noisyfn in log_progress(triples, len(clean_files), log_percent):
             clean = np.array(load_audio(cleanfn, sr, method=RESAMPLE_METHOD)[0])
             enh = np.array(load_audio(enhfn, sr, method=RESAMPLE_METHOD)[0])
             logger.debug(f"Processing clean {cleanfn}, enh {enhfn}")

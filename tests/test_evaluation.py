@@ -92,7 +92,7 @@ def test_eval_dir_only_matches_the_library(dirs, tmp_path):
     expected = eu.evaluation_loop_dir_only([str(dirs["clean"] / "s.wav")], [str(dirs["enh"] / "s_DeepFilterNet3.wav")],
                                            [str(dirs["noisy"] / "s.wav")], metrics=["sisdr", "stoi"], n_workers=0)
     for name, value in expected.items():
-        line = next(x for x in r.output.splitlines() if x.startswith(name))
+        line = next(x for x in r.stdout.splitlines() if x.startswith(name))
         assert float(line.split()[-1]) == pytest.approx(value, abs=1e-4)
     assert expected["Enhanced SISDR"] > expected["Noisy    SISDR"]  # half the noise is gone
     assert csv_enh.read_text().splitlines()[0] == "filename,SISDR,STOI"
@@ -103,7 +103,7 @@ def test_eval_dir_only_matches_the_library(dirs, tmp_path):
 def test_eval_enhances_with_the_default_model(dirs):
     r = CliRunner().invoke(main, ["eval", str(dirs["clean"]), "-n", str(dirs["noisy"]), "--metrics", "sisdr"])
     assert r.exit_code == 0, r.output
-    scores = {line.rsplit(maxsplit=1)[0]: float(line.split()[-1]) for line in r.output.splitlines()}
+    scores = {line.rsplit(maxsplit=1)[0]: float(line.split()[-1]) for line in r.stdout.splitlines()}
     assert scores["Enhanced SISDR"] > scores["Noisy    SISDR"] + 3  # DFN3 removes most of the noise
 
 
@@ -134,14 +134,23 @@ def test_eval_usage_errors(dirs, tmp_path, args, message):
     assert r.exit_code != 0 and message in r.output, r.output
 
 
-@pytest.mark.parametrize("bad", ["corrupt", "shorter"])
+@pytest.mark.parametrize("bad", ["corrupt", "shorter", "nan", "silent"])
 def test_eval_bad_audio_fails_cleanly(dirs, tmp_path, bad):
     enh = dirs["enh"] / "s_DeepFilterNet3.wav"
     if bad == "corrupt":
         enh.write_bytes(b"RIFF\x00\x00not audio")
-    else:
+    elif bad == "shorter":
         sf.write(enh, np.zeros(1000, np.float32), 48000)
+    elif bad == "nan":
+        x, sr = sf.read(enh, dtype="float32")
+        x[100] = np.nan
+        sf.write(enh, x, sr, subtype="FLOAT")
+    else:  # silent clean and enhanced: PESQ finds no utterance
+        for path in (enh, dirs["clean"] / "s.wav"):
+            sf.write(path, np.zeros(48000, np.float32), 48000)
     csv_path = tmp_path / "out.csv"
-    r = CliRunner().invoke(main, ["eval", str(dirs["clean"]), str(dirs["enh"]), "--csv-enh", str(csv_path)])
-    assert r.exit_code == 1 and r.output.startswith("Error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    r = CliRunner().invoke(main, ["eval", str(dirs["clean"]), str(dirs["enh"]), "--csv-enh", str(csv_path),
+                                  "--metrics", "pesq" if bad == "silent" else "sisdr"])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error")]
+    assert r.exit_code == 1 and len(errors) == 1 and not r.stdout, r.output
     assert not csv_path.exists()
