@@ -16,9 +16,10 @@ def _register():
     from df_mlx.demo import demo_cmd
     from df_mlx.enhance_cli import enhance_cmd
     from df_mlx.evaluation_cli import eval_cmd
+    from df_mlx.train_cli import train_cmd
     from parity.cli import parity
 
-    for command in (demo_cmd, enhance_cmd, eval_cmd, convert_cmd, export_cmd, parity):
+    for command in (demo_cmd, enhance_cmd, eval_cmd, train_cmd, convert_cmd, export_cmd, parity):
         main.add_command(command)
 
 

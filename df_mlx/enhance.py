@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 from loguru import logger
 
-from df_mlx.checkpoint import is_model_dir, load_model_dir
+from df_mlx.checkpoint import EXTENSION, is_model_dir, load_model, load_model_dir
 from df_mlx.config import config
 from df_mlx.libdf import DF, erb, erb_norm, unit_norm
 from df_mlx.logger import init_logger
@@ -37,6 +37,37 @@ def get_model_basedir(m: Optional[str]) -> str:
     return m
 
 
+def _maybe_post_filter(post_filter: bool):
+    if post_filter:
+        config.set("mask_pf", True, bool, ModelParams().section)
+        logger.info("Running with post-filter")
+
+
+def is_training_dir(model_base_dir: str) -> bool:
+    """A `dfmlx train` base directory: config.ini and safetensors checkpoints/model_*."""
+    import glob
+
+    return os.path.isfile(os.path.join(model_base_dir, "config.ini")) and bool(
+        glob.glob(os.path.join(model_base_dir, "checkpoints", f"model_*.{EXTENSION}*")))
+
+
+def _load_training_dir(model_base_dir: str, epoch, post_filter: bool, mask_only: bool, config_allow_defaults: bool):
+    """The model of a training directory at `epoch` (best, latest or a number), as df's
+    init_df loads its own model directories."""
+    config.load(os.path.join(model_base_dir, "config.ini"), config_must_exist=True,
+                allow_defaults=config_allow_defaults, allow_reload=True)
+    _maybe_post_filter(post_filter)
+    p = ModelParams()
+    df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
+                  min_nb_erb_freqs=p.min_nb_freqs)
+    mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
+    model, found = load_model(os.path.join(model_base_dir, "checkpoints"), df_state, mask_only=mask_only,
+                              epoch="best" if epoch is None else epoch)
+    logger.info(f"Loaded checkpoint of epoch {found} from {model_base_dir}")
+    model.eval()
+    return model
+
+
 def _converted_dir(model_base_dir: str, epoch) -> Tuple[str, Optional[tempfile.TemporaryDirectory]]:
     """A converted-model directory for `model_base_dir`: itself, or an upstream model
     directory converted into a temporary one."""
@@ -51,6 +82,21 @@ def _converted_dir(model_base_dir: str, epoch) -> Tuple[str, Optional[tempfile.T
     out = os.path.join(tmp.name, "model")
     convert(model_base_dir, out, epoch="best" if epoch is None else epoch)
     return out, tmp
+
+
+def _load_model_dir(model_base_dir: str, epoch, post_filter: bool, mask_only: bool, config_allow_defaults: bool):
+    """The model of a converted (or, converted on the fly, an upstream) model directory."""
+    model_dir, tmp = _converted_dir(model_base_dir, epoch)
+    try:
+        config.load(os.path.join(model_dir, "config.ini"), config_must_exist=True,
+                    allow_defaults=config_allow_defaults, allow_reload=True)
+        _maybe_post_filter(post_filter)
+        mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
+        model, _ = load_model_dir(model_dir, run_df=not mask_only, load_config=False)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return model
 
 
 def init_df(
@@ -74,18 +120,10 @@ def init_df(
     init_logger(file=log_file, level=log_level, model=model_base_dir)
     if use_default_model:
         logger.info(f"Using {default_model} model at {model_base_dir}")
-    model_dir, tmp = _converted_dir(model_base_dir, epoch)
-    try:
-        config.load(os.path.join(model_dir, "config.ini"), config_must_exist=True,
-                    allow_defaults=config_allow_defaults, allow_reload=True)
-        if post_filter:
-            config.set("mask_pf", True, bool, ModelParams().section)
-            logger.info("Running with post-filter")
-        mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
-        model, _ = load_model_dir(model_dir, run_df=not mask_only, load_config=False)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+    if is_training_dir(model_base_dir):
+        model = _load_training_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
+    else:
+        model = _load_model_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
     p = ModelParams()
     df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
                   min_nb_erb_freqs=p.min_nb_freqs)

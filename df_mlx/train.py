@@ -1,4 +1,5 @@
-"""Training on MLX as `df.train` trains, without libdfdata's Rust data loader.
+"""Training on MLX as `df.train` trains; `main` (and `dfmlx train`) is df.train's entry point
+with df_mlx.libdfdata's loader in place of libdfdata's Rust one.
 
 Kept from df.train, and checked against it in parity/test_train.py:
 - `load_opt`: the `[optim]` optimizer (adamw by default; Adam/AdamW always with amsgrad, SGD
@@ -13,8 +14,8 @@ Kept from df.train, and checked against it in parity/test_train.py:
   optimizer checkpoints, the `.best` checkpoint by VALIDATION_CRITERIA, early stopping with
   `check_patience`, batch-size scheduling, and the test run on the best model.
 
-Different on purpose: batches come from any object with libdfdata's loader methods
-(`BatchLoader` keeps them in memory); checkpoints are safetensors (df_mlx.checkpoint);
+Different on purpose: the epoch functions take any object with libdfdata's loader methods
+(df_mlx.libdfdata.DataLoader; `BatchLoader` keeps batches in memory); checkpoints are safetensors (df_mlx.checkpoint);
 gradients come from `nn.value_and_grad`, which returns zeros, not None, for parameters the loss
 does not reach: `train_step` treats an all-zero gradient as None so that, as in torch, those
 parameters are neither decayed nor counted as stepped.
@@ -54,7 +55,8 @@ Grads = Dict[str, Optional[mx.array]]
 class Batch:
     """The fields df.train reads from a libdfdata batch: complex spectra [B, 1, T, F] of the
     clean speech and the noisy mixture, ERB features [B, 1, T, E], complex normalised spectral
-    features [B, 1, T, nb_df] and the mixing SNR per sample."""
+    features [B, 1, T, nb_df] and the mixing SNR per sample; df_mlx.libdfdata also fills
+    the sample ids, lengths (frames before padding), speech gains and max frequencies."""
 
     speech: mx.array
     noisy: mx.array
@@ -63,6 +65,9 @@ class Batch:
     snr: mx.array
     ids: Optional[mx.array] = None
     timings: Optional[np.ndarray] = None
+    lengths: Optional[mx.array] = None
+    gain: Optional[mx.array] = None
+    max_freq: Optional[mx.array] = None
 
     def __len__(self) -> int:
         return self.noisy.shape[0]
@@ -70,7 +75,8 @@ class Batch:
     def slice(self, idx: np.ndarray) -> "Batch":
         take = lambda x: None if x is None else x[mx.array(idx)]  # noqa: E731
         return Batch(take(self.speech), take(self.noisy), take(self.feat_erb), take(self.feat_spec),
-                     take(self.snr), take(self.ids), None)
+                     take(self.snr), take(self.ids), None, take(self.lengths), take(self.gain),
+                     take(self.max_freq))
 
 
 def make_batch(clean, noise, snrs: Sequence[float], df_state, nb_df: int) -> Batch:
@@ -447,3 +453,93 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
     log_metrics(f"[{epoch}] [test]", _epoch_metrics(test_loss, losses))
     logger.info("Finished training")
     return test_loss, epoch
+
+
+class TrainSetupError(ValueError):
+    """Arguments, config or data that stop training before its first step."""
+
+
+def get_sigusr1_handler(base_dir: str):
+    """df's timeout handler: stop after the current epoch and leave a `continue` file."""
+
+    def handler(*_args):
+        global should_stop
+        logger.warning("Received timeout signal. Stopping after current epoch")
+        should_stop = True
+        continue_file = os.path.join(base_dir, "continue")
+        logger.warning(f"Writing {continue_file}")
+        open(continue_file, "w").close()
+
+    return handler
+
+
+def setup_dataloader(data_config_file: str, data_dir: str, p: ModelParams, seed: int, log_level: str):
+    """df.train's loader, with df's config keys and defaults, as df_mlx.libdfdata.DataLoader."""
+    from df_mlx.libdfdata import DataLoader
+
+    bs = config("BATCH_SIZE", 1, int, section="train")
+    bs_eval = config("BATCH_SIZE_EVAL", 0, int, section="train")
+    return DataLoader(
+        ds_dir=data_dir, ds_config=data_config_file, sr=p.sr, batch_size=bs,
+        batch_size_eval=bs_eval if bs_eval > 0 else bs, num_workers=config("NUM_WORKERS", 4, int, section="train"),
+        max_len_s=config("MAX_SAMPLE_LEN_S", 5.0, float, section="train"), fft_size=p.fft_size,
+        hop_size=p.hop_size, nb_erb=p.nb_erb, nb_spec=p.nb_df, norm_alpha=get_norm_alpha(log=False),
+        p_reverb=config("p_reverb", 0.2, float, section="distortion"),
+        p_bw_ext=config("p_bandwidth_ext", 0.0, float, section="distortion"),
+        p_clipping=config("p_clipping", 0.0, float, section="distortion"),
+        p_zeroing=config("p_zeroing", 0.0, float, section="distortion"),
+        p_air_absorption=config("p_air_absorption", 0.0, float, section="distortion"),
+        p_interfer_sp=config("p_interfer_sp", 0.0, float, section="distortion"),
+        prefetch=config("NUM_PREFETCH_BATCHES", 32, int, section="train"),
+        overfit=config("OVERFIT", False, bool, section="train"), seed=seed, min_nb_erb_freqs=p.min_nb_freqs,
+        log_timings=config("LOG_TIMINGS", False, bool, section="train", save=False),
+        global_sampling_factor=config("GLOBAL_DS_SAMPLING_F", 1.0, float, section="train"),
+        snrs=config("DATALOADER_SNRS", [-5, 0, 5, 10, 20, 40], Csv(int), section="train"),
+        gains=config("DATALOADER_GAINS", [-6, 0, 6], Csv(int), section="train"), log_level=log_level,
+    )
+
+
+def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = True, log_level: Optional[str] = None,
+         debug_: bool = False, progress: bool = True) -> Tuple[Optional[float], int]:
+    """df.train's entry point: the model of `base_dir/config.ini` trained on the dataset config's
+    HDF5 files in `data_dir`; checkpoints, summaries and train.log under `base_dir`, resuming
+    from its latest checkpoint unless `resume` is False. Returns (test loss, best epoch)."""
+    import signal
+
+    from df_mlx.checkpoint import load_model
+    from df_mlx.libdf import DF
+    from df_mlx.logger import init_logger
+    from df_mlx.utils import check_manual_seed
+
+    global debug, state, should_stop
+    if not os.path.isfile(data_config_file):
+        raise TrainSetupError(f"Dataset config not found at {data_config_file}")
+    if not os.path.isdir(data_dir):
+        raise TrainSetupError(f"Data directory not found at {data_dir}")
+    os.makedirs(base_dir, exist_ok=True)
+    summary_dir = os.path.join(base_dir, "summaries")
+    os.makedirs(summary_dir, exist_ok=True)
+    debug, should_stop = debug_, False
+    if log_level is not None and debug and log_level.lower() != "debug":
+        raise TrainSetupError("Either specify debug or a manual log level")
+    log_level = log_level or ("DEBUG" if debug else "INFO")
+    init_logger(file=os.path.join(base_dir, "train.log"), level=log_level, model=base_dir)
+    config_file = os.path.join(base_dir, "config.ini")
+    config.load(config_file, allow_reload=True)
+    seed = check_manual_seed(config("SEED", 42, int, section="train"))
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, get_sigusr1_handler(base_dir))
+    p = ModelParams()
+    state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb, min_nb_erb_freqs=p.min_nb_freqs)
+    checkpoint_dir = os.path.join(base_dir, "checkpoints")
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    mask_only = config("MASK_ONLY", False, bool, section="train")
+    df_only = config("DF_ONLY", False, bool, section="train")
+    loader = setup_dataloader(data_config_file, data_dir, p, seed, log_level)
+    model, epoch = load_model(checkpoint_dir if resume else None, state, mask_only=mask_only,
+                              train_df_only=df_only)
+    opt = load_opt(checkpoint_dir if resume else None, model, mask_only, df_only)
+    losses = setup_losses()
+    config.save(config_file)
+    return train_loop(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch=epoch, resume=resume,
+                      progress=progress)

@@ -189,13 +189,15 @@ def _torch_layout(mlx_model, grads):
 
 
 def _before_bn(names):
-    """Parameters of a module whose next sibling is a BatchNorm (`X.k.*` with `X.(k+1).running_mean`)."""
+    """Parameters of a module whose next sibling is a BatchNorm (`X.k.*` with `X.(k+1).running_mean`),
+    and the BatchNorm's own affine parameters: the weight's gradient sum(g * x_hat) sums terms
+    whose x_hat is zero-mean over the batch, the same cancellation."""
     out = set()
     for name in names:
         parts = name.split(".")
         if len(parts) >= 3 and parts[-2].isdigit():
             sibling = ".".join(parts[:-2] + [str(int(parts[-2]) + 1), "running_mean"])
-            if sibling in names:
+            if sibling in names or ".".join(parts[:-1] + ["running_mean"]) in names:
                 out.add(name)
     return out
 
