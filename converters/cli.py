@@ -21,7 +21,7 @@ def _epoch(value: str):
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 def convert_cmd(src, output, epoch, config_path, overwrite):
     """Convert an upstream DeepFilterNet model (directory, release zip, .ckpt, or the DFN3 ONNX
-    release .tar.gz) to df-mlx."""
+    release .tar.gz), or a DFNet4 fork model (deepfilternet4: DfNet4, DfNet4Lite), to df-mlx."""
     from converters.convert import convert
 
     try:
@@ -42,7 +42,8 @@ def convert_cmd(src, output, epoch, config_path, overwrite):
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .ckpt file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def export_cmd(model_dir, output, overwrite):
-    """Write a df-mlx model's weights as a PyTorch checkpoint upstream `df` loads."""
+    """Write a df-mlx model's weights as a PyTorch checkpoint upstream `df` (or, for
+    deepfilternet4, the DFNet4 fork) loads."""
     from converters.convert import export
     from df_mlx.checkpoint import ModelDirError
 

@@ -3,7 +3,10 @@
 Sources: an upstream model directory (`config.ini` + `checkpoints/model_*.ckpt[.best]`), a
 release zip holding one, a bare `.ckpt`/`.pt` state dict (with `--config`, or the family
 detected from its keys at that family's default config), or the official DeepFilterNet3 ONNX
-release tarball (`converters.onnx_dfn3`). Every tensor must land on a
+release tarball (`converters.onnx_dfn3`). The DFNet4 fork's `deepfilternet4` family
+(`sealad886/DeepFilterNet4`: DfNet4, and DfNet4Lite by `[deepfilternet4] model_variant`)
+converts the same way from a model directory or a bare checkpoint: the fork writes plain
+`state_dict`s, under the names df_mlx.deepfilternet4 uses. Every tensor must land on a
 parameter of the model the config describes: unknown, missing or mis-shaped tensors are an
 error naming them.
 """
@@ -22,10 +25,16 @@ import numpy as np
 from converters.layout import LayoutError, mlx_state_dict, torch_to_mlx
 from converters.torch_ckpt import CheckpointError, read_state_dict, write_state_dict
 
-FAMILIES = ("deepfilternet3", "deepfilternet2", "deepfilternet", "deepfilternetmf")
+FAMILIES = ("deepfilternet3", "deepfilternet2", "deepfilternet", "deepfilternetmf", "deepfilternet4")
 CONVERTER_VERSION = "1"
-# The upstream layout this converter maps (state_dict names and shapes of deepfilternet 0.5.6).
+# The layout this converter maps (state_dict names and shapes): deepfilternet 0.5.6, and the
+# DFNet4 fork at the commit its parity fixtures were recorded from.
 REFERENCE_VERSION = "deepfilternet 0.5.6"
+REFERENCE_VERSIONS = {"deepfilternet4": "sealad886/DeepFilterNet4 893ec67cb578123bcc9ec186b3a9d38c5ea71c22"}
+# Without a config, a bare checkpoint is tried against these configs in turn: each family at
+# its defaults, then the fork's DfNet4Lite (a switch of the deepfilternet4 family, not a family).
+DETECT_CONFIGS = [(f, f"[train]\nmodel = {f}\n") for f in FAMILIES] + [
+    ("deepfilternet4", "[train]\nmodel = deepfilternet4\n[deepfilternet4]\nmodel_variant = lite\n")]
 # Keys upstream's own `read_cp` ignores when loading (GRU initial states of old releases).
 IGNORED_SUFFIXES = (".h0",)
 IGNORED_PARTS = ("erb_comp",)
@@ -138,8 +147,8 @@ def _fit(state: Dict[str, np.ndarray], config_text: Optional[str], tmp: Path):
         model = _build()
         return family, model, torch_to_mlx(model, state)
     errors = []
-    for family in FAMILIES:
-        _load_config(f"[train]\nmodel = {family}\n", tmp)
+    for family, text in DETECT_CONFIGS:
+        _load_config(text, tmp)
         model = _build()
         try:
             return family, model, torch_to_mlx(model, state)
@@ -180,7 +189,7 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
             "family": family,
             "source": source.description,
             "source_sha256": sha256(source.checkpoint),
-            "reference_version": REFERENCE_VERSION,
+            "reference_version": REFERENCE_VERSIONS.get(family, REFERENCE_VERSION),
             "converter_version": CONVERTER_VERSION,
         }
         write_model_dir(model, out_dir, meta, overwrite=overwrite)
@@ -190,7 +199,8 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
 
 def export(model_dir, out_path, overwrite: bool = False) -> Path:
     """Write a converted model's weights as a PyTorch state dict (`torch.load` +
-    `load_state_dict(strict=True)` in upstream `df`), atomically."""
+    `load_state_dict(strict=True)` in upstream `df`, or in the fork for deepfilternet4),
+    atomically."""
     from df_mlx.checkpoint import load_model_dir
 
     out_path = Path(out_path)

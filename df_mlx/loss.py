@@ -347,6 +347,80 @@ class LocalSnrLoss(nn.Module):
         return _mse(input.squeeze(-1), target_lsnr) * self.factor
 
 
+GAN_LOSS_TYPES = ("lsgan", "vanilla", "hinge")
+
+
+def _check_gan_type(loss_type: str) -> str:
+    if loss_type not in GAN_LOSS_TYPES:
+        raise ValueError(f"Unknown loss type: {loss_type} (known: {', '.join(GAN_LOSS_TYPES)})")
+    return loss_type
+
+
+def _log_sigmoid(x: mx.array) -> mx.array:
+    """log(sigmoid(x) + 1e-10) as the fork writes its vanilla GAN terms (floored, not log-sigmoid)."""
+    return mx.log(mx.sigmoid(x) + 1e-10)
+
+
+class FeatureMatchingLoss(nn.Module):
+    """DFNet4 fork: factor * sum of L1 distances between discriminator feature maps of real and
+    generated audio (no gradient into the real ones), for stable generator gradients."""
+
+    def __init__(self, factor: float = 2.0):
+        super().__init__()
+        self.factor = factor
+
+    def __call__(self, real_fmaps: List[List[mx.array]], fake_fmaps: List[List[mx.array]]) -> mx.array:
+        loss = mx.zeros(())
+        for real_list, fake_list in zip(real_fmaps, fake_fmaps):
+            for real, fake in zip(real_list, fake_list):
+                loss = loss + _mean(mx.abs(fake - mx.stop_gradient(real)))
+        return self.factor * loss
+
+
+class GeneratorLoss(nn.Module):
+    """DFNet4 fork: adversarial loss of the generator (lsgan, vanilla or hinge) summed over
+    the discriminators' scores for generated audio."""
+
+    def __init__(self, loss_type: str = "lsgan", factor: float = 1.0):
+        super().__init__()
+        self.loss_type = _check_gan_type(loss_type)
+        self.factor = factor
+
+    def __call__(self, fake_scores: List[mx.array]) -> mx.array:
+        loss = mx.zeros(())
+        for fake in fake_scores:
+            if self.loss_type == "lsgan":
+                loss = loss + _mean(mx.square(1 - fake))
+            elif self.loss_type == "vanilla":
+                loss = loss - _mean(_log_sigmoid(fake))
+            else:
+                loss = loss - _mean(fake)
+        return self.factor * loss
+
+
+class DiscriminatorLoss(nn.Module):
+    """DFNet4 fork: adversarial loss of the discriminator; returns (factor * total, real part)."""
+
+    def __init__(self, loss_type: str = "lsgan", factor: float = 1.0):
+        super().__init__()
+        self.loss_type = _check_gan_type(loss_type)
+        self.factor = factor
+
+    def __call__(self, real_scores: List[mx.array], fake_scores: List[mx.array]):
+        d_loss, d_real_loss = mx.zeros(()), mx.zeros(())
+        for real, fake in zip(real_scores, fake_scores):
+            if self.loss_type == "lsgan":
+                r_loss, f_loss = _mean(mx.square(1 - real)), _mean(mx.square(fake))
+            elif self.loss_type == "vanilla":
+                r_loss = -_mean(_log_sigmoid(real))
+                f_loss = -_mean(mx.log(1 - mx.sigmoid(fake) + 1e-10))
+            else:
+                r_loss, f_loss = _mean(mx.maximum(1 - real, 0)), _mean(mx.maximum(1 + fake, 0))
+            d_loss = d_loss + r_loss + f_loss
+            d_real_loss = d_real_loss + r_loss
+        return self.factor * d_loss, d_real_loss
+
+
 class Loss(nn.Module):
     """The config-driven sum of df's losses (sections MaskLoss, SpectralLoss,
     MultiResSpecLoss, SdrLoss, LocalSnrLoss, ASRLoss with df's keys and defaults).

@@ -31,8 +31,16 @@ def _growth_reports() -> List[Report]:
             for frames in (100, 1000, 6000)]
 
 
+def _fork_growth_reports() -> List[Report]:
+    """The DFNet4 fork's Mamba(256) and default DfNet4 at T = 100 to 6000 (needs $DFMLX_FORK_DIR)."""
+    from parity.fork_growth import growth_reports
+
+    return growth_reports()
+
+
 TARGETS: Dict[str, Callable[[], List[Report]]] = {
     "growth": _growth_reports,
+    "growth-dfnet4": _fork_growth_reports,
     "dsp": _dsp_reports,
     "dfnet3": _model_reports("deepfilternet3"),
     "dfnet2": _model_reports("deepfilternet2"),
@@ -53,7 +61,12 @@ def parity(target: str, summary_only: bool):
         click.echo(f"reference: {load_reference().describe()}")
     except ReferenceUnavailable as e:
         raise click.ClickException(f"parity reference unavailable: {e}")
-    reports = TARGETS[target]()
+    from parity.fork_recorder import ForkUnavailable
+
+    try:
+        reports = TARGETS[target]()
+    except ForkUnavailable as e:
+        raise click.ClickException(f"the DFNet4 fork is unavailable: {e}")
     for report in reports:
         click.echo(report.summary() if summary_only else report.table() + "\n")
     failed = [r for r in reports if not r.passed]

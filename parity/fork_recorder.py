@@ -5,8 +5,10 @@ a checkout named by the environment variable `DFMLX_FORK_DIR` (the repository ro
 `DeepFilterNet/` folder), with a fixed seed and a small config, runs fixed inputs, and writes
 
     parity/fixtures/fork/<case>.safetensors   weights under their state_dict names, inputs,
-                                              outputs, every hooked sub-module's output and the
-                                              gradients of sum(output_i * w_i)
+                                              outputs (nested lists flattened), every hooked
+                                              sub-module's output, the gradients of
+                                              sum(output_i * w_i), and for a training-mode case
+                                              the buffers its pass updated (state_after/)
     parity/fixtures/fork/<case>.json          the case (module and kwargs or INI config), the
                                               fork's commit, torch/numpy versions, shapes, the
                                               order of the traced layers
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -71,6 +74,24 @@ class Case:
     run_df: bool = True  # a family's init_model(run_df=...)
     # Too large to commit (> MAX_FIXTURE_BYTES): recorded on the fly by the live tests only.
     committed: bool = True
+    # Randomise the fork's structured initial values (`_perturb_constant_init`); off for the
+    # growth cases, which measure the fork's own init: slowly decaying Mamba states.
+    perturb: bool = True
+    # "layers": the layer-by-layer parity cases; "growth": error against sequence length.
+    group: str = "layers"
+    # Record every hooked sub-module's output (off: outputs only, for long inputs to big models).
+    trace: bool = True
+    # How the flat inputs group into the call's arguments: a nested list of input indices (e.g.
+    # [[0, 1], [2, 3]] calls f([x0, x1], [x2, x3])); None calls f(*inputs). `module` may then
+    # name a function, called through a parameter-free module.
+    nest: Optional[List] = None
+    # Run in training mode (spectral_norm's power iteration): the buffers after the traced pass
+    # are recorded too, and the gradient pass restarts from the initial ones.
+    train: bool = False
+    # Training-mode passes over the inputs before recording, so that spectral_norm's u, v are
+    # converged as after training (at init, u^T W v with random u, v is far below the largest
+    # singular value, and every layer scales its output up by the ratio).
+    warmup: int = 0
 
 
 BASE_INI = """[train]
@@ -212,7 +233,70 @@ CASES: Dict[str, Case] = {c.name: c for c in [
          description="DfNet4 at the fork's defaults (5.1M parameters)"),
     Case("dfnet4_lite", "deepfilternet4", ini=BASE_INI + "[deepfilternet4]\nmodel_variant = lite\n", inputs=[(2, 12)],
          seed=11, family_inputs="lite", committed=False, description="DfNet4Lite at the fork's defaults"),
+    # Discriminators (df/discriminator.py) at small channel counts; the Multi*/Combined ones have
+    # the fork's fixed widths (8-10M parameters per sub-discriminator), so they are live only.
+    Case("period_disc", "discriminator.PeriodDiscriminator", dict(period=3, channels=[4, 8, 16, 16, 16]),
+         inputs=[(2, 2050)], seed=30, description="weight_norm, [B, T] input reflect-padded to a multiple of 3"),
+    Case("period_disc_spectral", "discriminator.PeriodDiscriminator",
+         dict(period=5, use_spectral_norm=True, channels=[4, 8, 8, 16]), inputs=[(1, 1, 2048)], seed=31, warmup=5,
+         description="spectral_norm in eval mode (sigma from the stored u, v, converged by 5 training passes)"),
+    Case("period_disc_spectral_train", "discriminator.PeriodDiscriminator",
+         dict(period=2, use_spectral_norm=True, channels=[4, 8, 8, 16]), inputs=[(1, 1, 2048)], seed=32, train=True,
+         description="spectral_norm in training mode: one power iteration updates u, v"),
+    Case("scale_disc", "discriminator.ScaleDiscriminator", dict(channels=[4, 16, 16, 16, 16, 16, 4]),
+         inputs=[(1, 1, 1024)], seed=33, description="weight_norm, grouped strided 1-D convolutions"),
+    Case("scale_disc_spectral_train", "discriminator.ScaleDiscriminator",
+         dict(use_spectral_norm=True, channels=[4, 16, 16, 16, 16, 16, 4]), inputs=[(1, 1024)], seed=34,
+         train=True, description="spectral_norm in training mode, [B, T] input"),
+    Case("mpd", "discriminator.MultiPeriodDiscriminator", dict(periods=[2, 3]), inputs=[(1, 1, 600)], seed=35,
+         committed=False, description="two period discriminators at the fork's widths (16M parameters)"),
+    Case("msd_spectral", "discriminator.MultiScaleDiscriminator", dict(num_scales=3, use_spectral_norm=True),
+         inputs=[(1, 1, 600)], seed=36, grads=False, committed=False, warmup=3,
+         description="three scales (two average pools), spectral_norm in eval mode after 3 training passes"),
+    Case("combined_disc", "discriminator.CombinedDiscriminator", dict(periods=[5], num_scales=2), inputs=[(1, 500)],
+         seed=37, grads=False, committed=False, description="MPD + MSD at the fork's widths"),
+    # GAN losses: functions of df/discriminator.py and the loss classes of df/loss.py, on
+    # standard-normal scores [B, N] and feature maps; `nest` groups the inputs into lists.
+    Case("gan_discriminator_loss", "discriminator.discriminator_loss", inputs=[(2, 30), (2, 12), (2, 30), (2, 12)],
+         nest=[[0, 1], [2, 3]], seed=40, description="LS-GAN D loss over two discriminators"),
+    Case("gan_generator_loss", "discriminator.generator_loss", inputs=[(2, 30), (2, 12), (1, 7)], nest=[[0, 1, 2]],
+         seed=41, description="LS-GAN G loss"),
+    Case("gan_feature_matching_loss", "discriminator.feature_matching_loss",
+         inputs=[(2, 4, 20), (2, 1, 20), (2, 8, 5, 3), (2, 4, 20), (2, 1, 20), (2, 8, 5, 3)],
+         nest=[[[0, 1], [2]], [[3, 4], [5]]], seed=42, description="L1 feature matching, real maps detached"),
+    Case("gan_fm_loss_class", "loss.FeatureMatchingLoss", dict(factor=2.0),
+         inputs=[(2, 4, 20), (2, 8, 5, 3), (2, 4, 20), (2, 8, 5, 3)], nest=[[[0], [1]], [[2], [3]]], seed=43,
+         description="FeatureMatchingLoss (factor 2)"),
+    *[Case(f"gan_{kind}_{lt}", f"loss.{kind.capitalize()}Loss", dict(loss_type=lt, factor=0.7),
+           inputs=[(2, 30), (2, 12), (2, 30), (2, 12)] if kind == "discriminator" else [(2, 30), (2, 12)],
+           nest=[[0, 1], [2, 3]] if kind == "discriminator" else [[0, 1]], seed=44 + i,
+           description=f"{kind.capitalize()}Loss({lt!r}, factor 0.7)")
+      for i, (kind, lt) in enumerate((k, t) for k in ("generator", "discriminator") for t in ("lsgan", "vanilla", "hinge"))],
+    # DNSMOS proxy (df/dnsmos_proxy.py): small widths committed, the default loss live only.
+    Case("dnsmos_proxy_small", "dnsmos_proxy.DNSMOSProxy", dict(n_mels=32, hidden_dim=4, fc_dim=16),
+         inputs=[(2, 4000)], seed=60, description="log-mel CNN at 4/8/16/16 channels, 0.25 s at 16 kHz"),
+    Case("dnsmos_proxy_lightweight", "dnsmos_proxy.LightweightDNSMOSProxy", dict(n_mels=20, hidden_dim=4),
+         inputs=[(2, 1, 3200)], seed=61, description="depthwise-separable proxy, [B, 1, T] input"),
+    Case("dnsmos_proxy_mel", "dnsmos_proxy.MelSpectrogram", dict(sample_rate=48000, n_fft=960, hop_length=480,
+         n_mels=48, f_min=50.0, f_max=20000.0), inputs=[(1, 9600)], seed=62, description="mel bands of a 48 kHz setup"),
+    Case("dnsmos_loss", "dnsmos_proxy.DNSMOSLoss", dict(target_ovl=4.0, loss_weight=0.5), inputs=[(2, 8000), (2, 8000)],
+         seed=63, committed=False, description="default proxy (1M parameters), enhanced vs clean scores"),
 ]}
+
+# Error against sequence length (live only): a Mamba layer at the default model's width (every
+# layer traced) and the default DfNet4 (outputs only: its trace is 380 MB at 1000 frames), both
+# at the fork's own init, forward only.
+GROWTH_FRAMES = (100, 1000, 3000, 6000)
+for _frames in GROWTH_FRAMES:
+    for _case in (
+        Case(f"mamba_growth_{_frames}", "mamba.Mamba", dict(d_model=256, d_state=16, d_conv=4, expand=2),
+             inputs=[(1, _frames, 256)], seed=20, grads=False, committed=False, perturb=False, group="growth",
+             description=f"Mamba(256) at the fork's init over {_frames} steps"),
+        Case(f"dfnet4_growth_{_frames}", "deepfilternet4", ini=BASE_INI, inputs=[(1, _frames)], seed=21,
+             grads=False, committed=False, perturb=False, group="growth", trace=False,
+             description=f"default DfNet4 at the fork's init over {_frames} frames"),
+    ):
+        CASES[_case.name] = _case
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,6 +366,9 @@ def _perturb_constant_init(module, seed: int):
                 # With nn.Linear's init, B and C are ~0.1 and the scan adds ~1% to the D skip;
                 # five times larger, the state-space path carries a fair share of the output.
                 p.mul_(5.0)
+            elif leaf == "weight_g":
+                # weight_norm starts with g = |v|, where w = v whatever the normalisation does.
+                p.mul_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g))
             elif (p.numel() > 1 and float(p.std()) == 0.0) or leaf in ("D", "resolution_weights"):
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
 
@@ -322,15 +409,44 @@ def _build(case: Case, import_ref, tmp: Path):
         mod_name, cls_name = case.module.rsplit(".", 1)
         cls = getattr(import_ref(mod_name), cls_name)
         torch.manual_seed(case.seed)
-        module = cls(**_resolve_kwargs(case.kwargs, torch.nn))
+        module = cls(**_resolve_kwargs(case.kwargs, torch.nn)) if isinstance(cls, type) else _torch_call(cls)
         inputs = [rng.standard_normal(shape).astype(np.float32) for shape in case.inputs]
     randomize_norm_stats(module, case.seed)
-    _perturb_constant_init(module, case.seed)
+    if case.perturb:
+        _perturb_constant_init(module, case.seed)
     return module.eval(), inputs
 
 
 def _as_tuple(out) -> tuple:
-    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+    """The outputs, nested tuples and lists (a discriminator's feature maps) and dicts (scores
+    by name, in insertion order) flattened in order."""
+    if isinstance(out, dict):
+        out = list(out.values())
+    if not isinstance(out, (tuple, list)):
+        return (out,)
+    return tuple(leaf for o in out for leaf in _as_tuple(o))
+
+
+def _nest(inputs: Sequence, nest: Optional[List]) -> tuple:
+    """The call's arguments: `inputs` grouped as the case's `nest` says."""
+    if nest is None:
+        return tuple(inputs)
+
+    def build(n):
+        return inputs[n] if isinstance(n, int) else [build(m) for m in n]
+
+    return tuple(build(n) for n in nest)
+
+
+def _torch_call(fn):
+    """A parameter-free torch module whose forward is the function `fn`."""
+    import torch
+
+    class Call(torch.nn.Module):
+        def forward(self, *args):
+            return fn(*args)
+
+    return Call()
 
 
 def record(case: Case, out_dir: Path, fork: Optional[Path] = None) -> Path:
@@ -346,21 +462,33 @@ def record(case: Case, out_dir: Path, fork: Optional[Path] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         module, inputs = _build(case, import_ref, Path(tmp))
-    state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+    if case.warmup:
+        module.train()
+        with torch.no_grad():
+            for _ in range(case.warmup):
+                module(*_nest([torch.from_numpy(x.copy()) for x in inputs], case.nest))
+    module.train(case.train)
+    state = {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
-    with torch.no_grad(), trace_torch(module) as trace:
-        out = _as_tuple(module(*[torch.from_numpy(x.copy()) for x in inputs]))
+    with torch.no_grad(), (trace_torch(module) if case.trace else nullcontext(Trace())) as trace:
+        out = _as_tuple(module(*_nest([torch.from_numpy(x.copy()) for x in inputs], case.nest)))
     tensors: Dict[str, np.ndarray] = {}
     for k, v in state.items():
         tensors[f"state_dict/{k}"] = v
+    if case.train:  # the buffers the training pass updated (spectral_norm's u, v)
+        for k, v in module.state_dict().items():
+            if not np.array_equal(v.numpy(), state[k]):
+                tensors[f"state_after/{k}"] = v.numpy().copy()
     for i, x in enumerate(inputs):
         tensors[f"input/{i}"] = x
     for i, o in enumerate(out):
         tensors[f"output/{i}"] = o.detach().numpy()
-    # Traced layers; an output equal to an already stored one (a Sequential and its last child)
-    # is stored once and referenced.
+    # Traced layers; an output equal to an already stored one (a Sequential and its last child,
+    # a sub-module's output that is also the model's) is stored once and referenced.
     layers = []
     stored: Dict[tuple, List[str]] = {}
+    for i, o in enumerate(out):
+        stored.setdefault((tensors[f"output/{i}"].shape, tensors[f"output/{i}"].dtype.str), []).append(f"output/{i}")
     for name, value in trace.items():
         key = f"trace/{name}"
         for other in stored.get((value.shape, value.dtype.str), []):
@@ -382,9 +510,11 @@ def record(case: Case, out_dir: Path, fork: Optional[Path] = None) -> Path:
         for m in module.modules():
             if isinstance(m, mf_base):
                 m.train()
+        if case.train:
+            module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         t_inputs = [torch.from_numpy(x.copy()).requires_grad_(True) for x in inputs]
-        out_g = _as_tuple(module(*t_inputs))
-        module.eval()
+        out_g = _as_tuple(module(*_nest(t_inputs, case.nest)))
+        module.train(case.train)
         for i, (a, b) in enumerate(zip(out_g, out)):
             if not torch.equal(a.detach(), b):
                 raise RuntimeError(f"{case.name}: output {i} of the gradient pass differs from the eval pass")
@@ -394,8 +524,8 @@ def record(case: Case, out_dir: Path, fork: Optional[Path] = None) -> Path:
         loss.backward()
         for i, w in enumerate(weights):
             tensors[f"grad_weight/{i}"] = w
-        for i, x in enumerate(t_inputs):
-            tensors[f"grad/input/{i}"] = x.grad.numpy()
+        for i, x in enumerate(t_inputs):  # an input only used detached has zero gradient
+            tensors[f"grad/input/{i}"] = x.grad.numpy() if x.grad is not None else np.zeros_like(inputs[i])
         for name, p in module.named_parameters():
             if p.grad is not None:
                 tensors[f"grad/param/{name}"] = p.grad.numpy()
@@ -407,7 +537,9 @@ def record(case: Case, out_dir: Path, fork: Optional[Path] = None) -> Path:
         "format": FORMAT,
         "case": {"name": case.name, "module": case.module, "kwargs": case.kwargs, "ini": case.ini,
                  "inputs": [list(s) for s in case.inputs], "seed": case.seed, "grads": case.grads,
-                 "description": case.description, "family_inputs": case.family_inputs, "run_df": case.run_df},
+                 "description": case.description, "family_inputs": case.family_inputs, "run_df": case.run_df,
+                 "perturb": case.perturb, "trace": case.trace, "nest": case.nest, "train": case.train,
+                 "warmup": case.warmup},
         "fork": {"repository": "https://github.com/sealad886/DeepFilterNet4", "commit": _git_commit(path),
                  "module_file": f"df/{case.module.split('.')[0]}.py"},
         "torch": torch.__version__,
@@ -455,6 +587,8 @@ class Fixture:
     grad_weights: List[np.ndarray]
     grad_inputs: List[np.ndarray]
     grad_params: Dict[str, np.ndarray]
+    # Buffers a training-mode case's pass changed, as they are after it.
+    state_after: Dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def case(self) -> Dict:
@@ -495,6 +629,7 @@ def load_fixture(name: str, directory: Optional[Path] = None) -> Fixture:
         grad_weights=indexed("grad_weight"),
         grad_inputs=indexed("grad/input"),
         grad_params={k[len("grad/param/"):]: v for k, v in t.items() if k.startswith("grad/param/")},
+        state_after={k[len("state_after/"):]: v for k, v in t.items() if k.startswith("state_after/")},
     )
 
 
@@ -504,11 +639,55 @@ def live_fixture(name: str, out_dir: Path) -> Fixture:
     return load_fixture(name, out_dir)
 
 
+def assert_fixture_current(name: str, live_dir: Path):
+    """The committed fixture `name` is what the checkout records now into `live_dir` (same
+    weights, inputs and outputs); skips when the checkout is at another commit."""
+    import pytest
+
+    fresh, committed = load_fixture(name, live_dir), load_fixture(name)
+    if fresh.meta["fork"]["commit"] != committed.meta["fork"]["commit"]:
+        pytest.skip(f"checkout at {fresh.meta['fork']['commit']}, fixture from {committed.meta['fork']['commit']}")
+    assert fresh.state_dict.keys() == committed.state_dict.keys()
+    for key in fresh.state_dict:
+        np.testing.assert_allclose(fresh.state_dict[key], committed.state_dict[key], atol=1e-6, err_msg=key)
+    for a, b in zip(fresh.outputs + fresh.inputs, committed.outputs + committed.inputs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def mlx_kwargs(fixture: Fixture) -> Dict:
     """The case's constructor kwargs for the df_mlx twin (activations as mlx.nn classes)."""
     import mlx.nn as nn
 
     return _resolve_kwargs(fixture.case["kwargs"], nn)
+
+
+def mlx_call(fn):
+    """A parameter-free MLX module whose call is the function `fn` (twin of a function case)."""
+    import mlx.nn as nn
+
+    class Call(nn.Module):
+        def __call__(self, *args):
+            return fn(*args)
+
+    return Call()
+
+
+def mlx_twin(fixture: Fixture):
+    """df_mlx's module for a fixture: the same `df_mlx.mamba` class and kwargs, or the family's
+    model under the fixture's config (loaded into df_mlx's global config)."""
+    from importlib import import_module
+
+    from df_mlx.config import config
+
+    case = fixture.case
+    if case["ini"] is None:
+        mod_name, cls_name = case["module"].rsplit(".", 1)
+        return getattr(import_module(f"df_mlx.{mod_name}"), cls_name)(**mlx_kwargs(fixture))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.ini"
+        path.write_text(case["ini"])
+        config.load(str(path), allow_reload=True)
+    return import_module(f"df_mlx.{case['module']}").init_model(run_df=case["run_df"])
 
 
 def fixture_report(fixture: Fixture, mlx_module, tol: Tolerance, grads: bool = True,
@@ -517,37 +696,54 @@ def fixture_report(fixture: Fixture, mlx_module, tol: Tolerance, grads: bool = T
                    prepare: Optional[Callable] = None) -> Report:
     """Load the fixture's weights into `mlx_module` (strictly, by torch name), run its inputs,
     and compare every traced layer, the outputs and (with `grads`) the gradients of
-    sum(output_i * w_i) with respect to the inputs and every parameter. `prepare(module)` runs
-    after the weights are loaded (e.g. to perturb one)."""
+    sum(output_i * w_i) with respect to the inputs and every parameter. `tolerances` override
+    `tol` by layer name (outputs: "output.<i>"); a case recorded without a trace compares the
+    outputs only. `prepare(module)` runs after the weights are loaded (e.g. to perturb one). A
+    training-mode case also compares the buffers its pass updated, and restarts the gradient
+    pass from the recorded ones."""
     import mlx.core as mx
 
     from converters.layout import load_torch_state_dict, mlx_state_dict
     from parity.tracer import trace_mlx
 
-    load_torch_state_dict(mlx_module, fixture.state_dict)
-    mlx_module.eval()
-    if prepare is not None:
-        prepare(mlx_module)
+    nest, train = fixture.case.get("nest"), fixture.case.get("train", False)
+
+    def load():
+        load_torch_state_dict(mlx_module, fixture.state_dict)
+        mlx_module.train(train)
+        if prepare is not None:
+            prepare(mlx_module)
+
+    def call(*xs):
+        return _as_tuple(mlx_module(*_nest(xs, nest)))
+
+    load()
     inputs = [mx.array(x) for x in fixture.inputs]
     report = Report(title or f"{fixture.case['name']} ({fixture.case['module']})", fixture.describe())
-    with trace_mlx(mlx_module) as trace:
-        out = mlx_module(*inputs)
-    out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-    compare_traces(report, trace, fixture.trace, tol, tolerances)
+    traced = fixture.case.get("trace", True)
+    with (trace_mlx(mlx_module) if traced else nullcontext()) as trace:
+        out = call(*inputs)
+    if traced:
+        compare_traces(report, trace, fixture.trace, tol, tolerances)
     if len(out) != len(fixture.outputs):
         raise ValueError(f"MLX module returned {len(out)} outputs, the fork {len(fixture.outputs)}")
     for i, (o, ref) in enumerate(zip(out, fixture.outputs)):
-        report.add(compare(f"output.{i}", o, ref, tol))
+        report.add(compare(f"output.{i}", o, ref, (tolerances or {}).get(f"output.{i}", tol)))
+    if fixture.state_after:
+        after = mlx_state_dict(mlx_module)
+        for name, ref in fixture.state_after.items():
+            report.add(compare(f"state_after.{name}", after[name], ref, tol))
     if not grads or not fixture.grad_weights:
         return report
+    if train:
+        load()
     grad_tol = grad_tol or tol
     weights = [mx.array(w) for w in fixture.grad_weights]
     params = mlx_module.trainable_parameters()
 
     def loss_fn(params, *xs):
         mlx_module.update(params)
-        o = mlx_module(*xs)
-        o = tuple(o) if isinstance(o, (tuple, list)) else (o,)
+        o = call(*xs)
         return sum((a * w).sum() for a, w in zip(o, weights) if mx.issubdtype(a.dtype, mx.floating))
 
     g = mx.grad(loss_fn, argnums=list(range(1 + len(inputs))))(params, *inputs)

@@ -1,7 +1,10 @@
 """Converter round trips against the reference: torch model -> checkpoint on disk ->
 `dfmlx convert` -> MLX model gives the torch outputs; `dfmlx export` -> torch
-`load_state_dict(strict=True)` gives bit-identical torch outputs."""
+`load_state_dict(strict=True)` gives bit-identical torch outputs. The DFNet4 fork's checkpoints
+round-trip from its recorded state_dicts (parity/fixtures/fork), and live through the fork's
+own model when $DFMLX_FORK_DIR is set."""
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -13,9 +16,14 @@ from click.testing import CliRunner
 
 from df_mlx.cli import main
 from parity.models import FAMILY_TOL, LAYER, VARIANTS, _ini, model_inputs
+from parity.fork_checkpoint import run_in_fork
+from parity.fork_recorder import CASES as FORK_CASES
+from parity.fork_recorder import ENV_VAR, load_fixture, record_in_subprocess
 from parity.pairs import randomize_norm_stats
 from parity.reference import import_ref, load_configs
 from parity.report import Report, compare
+from parity.test_deepfilternet4 import DEFAULT_LAYER as DFN4_DEFAULT_LAYER
+from parity.test_deepfilternet4 import LAYER as DFN4_LAYER
 
 CASES = [("deepfilternet3", v) for v in VARIANTS["deepfilternet3"][:2]] + [
     ("deepfilternet2", VARIANTS["deepfilternet2"][1]), ("deepfilternet", VARIANTS["deepfilternet"][1]),
@@ -71,3 +79,73 @@ def test_convert_then_export_round_trip(family, variant, tmp_path):
         back_out = fresh.eval()(*(torch.from_numpy(x.copy()) for x in inputs))
     for a, b in zip(back_out, ref_out):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+DFN4_CASES = [n for n, c in FORK_CASES.items() if c.module == "deepfilternet4" and c.group == "layers"]
+DFN4_COMMITTED = [n for n in DFN4_CASES if FORK_CASES[n].committed]
+live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
+
+
+def _fork_round_trip(fixture, tmp_path: Path, tol):
+    """The fork's state_dict as the fork writes it (torch.save in a model directory with its
+    config.ini) -> `dfmlx convert` -> outputs within `tol` of the fork's -> `dfmlx export` ->
+    the same tensors, names and dtypes. Returns (source checkpoint, exported checkpoint)."""
+    from df_mlx.checkpoint import load_model_dir
+
+    src = tmp_path / "fork_model"
+    (src / "checkpoints").mkdir(parents=True)
+    (src / "config.ini").write_text(fixture.case["ini"])
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in fixture.state_dict.items()},
+               src / "checkpoints" / "model_5.ckpt")
+    runner = CliRunner()
+    result = runner.invoke(main, ["convert", str(src), "-o", str(tmp_path / "mlx")])
+    assert result.exit_code == 0, result.output
+    model, meta = load_model_dir(tmp_path / "mlx", run_df=fixture.case["run_df"])
+    assert meta["family"] == "deepfilternet4" and "DeepFilterNet4" in meta["reference_version"]
+    report = Report(f"convert {fixture.case['name']}", fixture.describe())
+    for i, (a, b) in enumerate(zip(model(*map(mx.array, fixture.inputs)), fixture.outputs)):
+        report.add(compare(f"output.{i}", a, b, tol))
+    print(report.table())
+    assert report.passed, report.summary()
+
+    back = tmp_path / "back.ckpt"
+    result = runner.invoke(main, ["export", str(tmp_path / "mlx"), "-o", str(back)])
+    assert result.exit_code == 0, result.output
+    exported = torch.load(back, weights_only=True)
+    assert set(exported) == set(fixture.state_dict)
+    for k, v in fixture.state_dict.items():
+        assert exported[k].numpy().dtype == v.dtype and exported[k].shape == v.shape, k
+        np.testing.assert_array_equal(exported[k].numpy(), v, err_msg=k)
+    return src / "checkpoints" / "model_5.ckpt", back
+
+
+def _fork_loads(fixture, source: Path, exported: Path):
+    """The fork's own model loads the exported checkpoint strictly and gives bit-identical
+    outputs to the fork's checkpoint."""
+    ours, theirs = run_in_fork(fixture.case["ini"], fixture.inputs, [exported, source], run_df=fixture.case["run_df"])
+    assert len(ours) == len(fixture.outputs)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", DFN4_COMMITTED)
+def test_fork_checkpoint_round_trip(name, tmp_path):
+    fixture = load_fixture(name)
+    source, exported = _fork_round_trip(fixture, tmp_path, DFN4_LAYER)
+    if os.environ.get(ENV_VAR):
+        _fork_loads(fixture, source, exported)
+
+
+@pytest.fixture(scope="module")
+def fork_live_dir(tmp_path_factory):
+    """The fork's default DfNet4 and DfNet4Lite (too large to commit), recorded now."""
+    out = tmp_path_factory.mktemp("fork_convert")
+    record_in_subprocess([n for n in DFN4_CASES if not FORK_CASES[n].committed], out)
+    return out
+
+
+@live
+@pytest.mark.parametrize("name", [n for n in DFN4_CASES if not FORK_CASES[n].committed])
+def test_fork_default_checkpoint_round_trip(name, tmp_path, fork_live_dir):
+    fixture = load_fixture(name, fork_live_dir)
+    _fork_loads(fixture, *_fork_round_trip(fixture, tmp_path, DFN4_DEFAULT_LAYER))

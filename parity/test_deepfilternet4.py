@@ -14,7 +14,8 @@ from mlx.utils import tree_flatten
 
 import df_mlx.deepfilternet4 as dfn4
 from df_mlx.config import config
-from parity.fork_recorder import CASES, ENV_VAR, FIXTURE_DIR, fixture_report, load_fixture, record_in_subprocess
+from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, fixture_report, load_fixture, mlx_twin,
+                                  record_in_subprocess)
 from parity.report import Tolerance
 
 # float32 through convs, attention (softmax over <= 10 frames), LayerNorms and Mamba scans of a
@@ -28,18 +29,12 @@ GRAD = Tolerance(2e-5, 1e-5, "float32 gradient sums over all positions, heads an
 # 9.5e-6 absolute on the lsnr output (scale 9.6), about 10 float32 ulps.
 DEFAULT_LAYER = Tolerance(1e-5, 1e-6, "256-wide layers and 5 Mamba stacks: plus 1e-6 of the layer's scale")
 
-FAMILY_CASES = [name for name, case in CASES.items() if case.module == "deepfilternet4"]
+FAMILY_CASES = [name for name, case in CASES.items() if case.module == "deepfilternet4" and case.group == "layers"]
 COMMITTED = [name for name in FAMILY_CASES if CASES[name].committed]
 live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
-def twin(fixture):
-    """df_mlx's model for the fixture's config (loaded into df_mlx's global config)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.ini"
-        path.write_text(fixture.case["ini"])
-        config.load(str(path), allow_reload=True)
-    return dfn4.init_model(run_df=fixture.case["run_df"])
+twin = mlx_twin
 
 
 def check(fixture, tol=LAYER, **kwargs):

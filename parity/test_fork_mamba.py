@@ -10,7 +10,7 @@ import pytest
 
 import df_mlx.mamba as mamba
 from converters.layout import LayoutError
-from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, fixture_report, load_fixture, mlx_kwargs,
+from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, fixture_report, load_fixture, mlx_kwargs, mlx_twin,
                                   record_in_subprocess)
 from parity.report import Tolerance
 
@@ -21,13 +21,11 @@ LAYER = Tolerance(1e-5, 0.0, "float32 rounding through linears, conv, LayerNorm 
 # (grad of mamba.out_proj.weight, scale 5).
 GRAD = Tolerance(2e-5, 1e-5, "float32 gradient sums over all positions and scan steps")
 
-MAMBA_CASES = [name for name, case in CASES.items() if case.module.startswith("mamba.")]
+MAMBA_CASES = [name for name, case in CASES.items() if case.module.startswith("mamba.") and case.group == "layers"]
 live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
-def twin(fixture):
-    cls = getattr(mamba, fixture.case["module"].split(".", 1)[1])
-    return cls(**mlx_kwargs(fixture))
+twin = mlx_twin
 
 
 def check(fixture, **kwargs):

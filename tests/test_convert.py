@@ -98,7 +98,7 @@ def _bad_cases(tmp_path: Path, state):
     shaped = dict(state, **{"enc.lsnr_fc.0.weight": np.zeros((1, 7), np.float32)})
     write_state_dict(shaped, tmp_path / "shaped.pt")
     mismatch = _model_dir(tmp_path / "mismatch", state, "[train]\nmodel = deepfilternet3\n[deepfilternet]\nconv_ch = 8\n")
-    unsupported = _model_dir(tmp_path / "dfn4", state, "[train]\nmodel = deepfilternet4\n")
+    unsupported = _model_dir(tmp_path / "dfn5", state, "[train]\nmodel = deepfilternet5\n")
     return [
         ("missing_file", tmp_path / "absent.pt", "not found"),
         ("truncated", tmp_path / "truncated.pt", "not a readable PyTorch checkpoint"),
@@ -123,6 +123,91 @@ def test_bad_checkpoints_fail_cleanly(tmp_path, dfn3_state):
         assert not out.exists(), name
         assert not list(tmp_path.glob(f".out_{name}*")), name
     assert not Path("/tmp/dfmlx_pwned").exists()
+
+
+# A small DfNet4 of the fork (Mamba backbone, phase branch, three DF resolutions).
+DFN4_INI = """[train]
+model = deepfilternet4
+
+[df]
+sr = 16000
+fft_size = 64
+hop_size = 32
+nb_erb = 8
+nb_df = 18
+
+[deepfilternet4]
+conv_ch = 8
+emb_hidden_dim = 16
+df_hidden_dim = 16
+enc_linear_groups = 4
+df_order = 3
+df_resolutions = 18,3;9,2;5,1
+mamba_d_state = 4
+"""
+
+
+def _state_at(ini: str, tmp_path: Path):
+    """df_mlx's model for `ini` (random weights) as a torch-layout state dict."""
+    from df_mlx.model import init_model
+
+    (tmp_path / "model.ini").write_text(ini)
+    config.load(str(tmp_path / "model.ini"), allow_reload=True)
+    model = init_model()
+    config.use_defaults(allow_reload=True)
+    return model, mlx_state_dict(model)
+
+
+def test_dfnet4_model_dir_round_trip(tmp_path):
+    """A fork-style DfNet4 directory converts (names as the fork's state_dict), and exports
+    back to the same tensors, dtypes included (int64 BatchNorm counters, the ERB filterbank)."""
+    from df_mlx.checkpoint import load_model_dir
+
+    _, state = _state_at(DFN4_INI, tmp_path)
+    assert "erb_fb" in state and "df_op.resolution_weights" in state
+    src = _model_dir(tmp_path / "DFN4", state, DFN4_INI)
+    result = _convert(src, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "deepfilternet4" in result.output
+    model, meta = load_model_dir(tmp_path / "out")
+    assert meta["family"] == "deepfilternet4" and "DeepFilterNet4" in meta["reference_version"]
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "out"), "-o", str(tmp_path / "back.ckpt")])
+    assert result.exit_code == 0, result.output
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert back[k].numpy().dtype == v.dtype, k
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+def test_dfnet4_lite_bare_checkpoint_is_detected(tmp_path):
+    """Without --config, a DfNet4Lite state dict at the fork's defaults is recognised."""
+    from df_mlx.checkpoint import load_model_dir
+    from df_mlx.deepfilternet4 import DfNet4Lite
+
+    _, state = _state_at("[train]\nmodel = deepfilternet4\n[deepfilternet4]\nmodel_variant = lite\n", tmp_path)
+    write_state_dict(state, tmp_path / "lite.ckpt")
+    result = _convert(tmp_path / "lite.ckpt", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    model, meta = load_model_dir(tmp_path / "out")
+    assert isinstance(model, DfNet4Lite) and meta["family"] == "deepfilternet4"
+
+
+def test_dfnet4_bad_checkpoints_fail_cleanly(tmp_path):
+    """DFNet4 weights under another DFNet4 config, or missing a Mamba tensor, are errors."""
+    _, state = _state_at(DFN4_INI, tmp_path)
+    other = _model_dir(tmp_path / "other", state, DFN4_INI.replace("mamba_d_state = 4", "mamba_d_state = 8"))
+    missing = {k: v for k, v in state.items() if k != "enc.seq_layers.0.mamba.A_log"}
+    write_state_dict(missing, tmp_path / "missing.ckpt")
+    (tmp_path / "dfn4.ini").write_text(DFN4_INI)
+    for name, args, message in [("other_config", [other], "does not fit the model"),
+                                ("missing", [tmp_path / "missing.ckpt", "--config", tmp_path / "dfn4.ini"],
+                                 "missing enc.seq_layers.0.mamba.A_log")]:
+        result = _convert(*args, "-o", tmp_path / f"out_{name}")
+        assert result.exit_code == 1, (name, result.output)
+        error = result.output.strip().splitlines()[-1]
+        assert error.startswith("Error: ") and message in error, (name, result.output)
+        assert not (tmp_path / f"out_{name}").exists()
 
 
 def test_existing_output_is_not_overwritten(tmp_path, dfn3_state):
