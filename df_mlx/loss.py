@@ -62,11 +62,14 @@ def _view_as_real(x: mx.array) -> mx.array:
 
 class Stft(nn.Module):
     """`torch.stft(x, n_fft, hop, window, center=True, pad_mode="reflect", normalized=True,
-    return_complex=True)` on [..., T] -> complex [..., F, frames]."""
+    return_complex=True)` on [..., T] -> complex [..., F, frames] (`normalized=False`: without
+    the 1/sqrt(n_fft))."""
 
-    def __init__(self, n_fft: int, hop: Optional[int] = None, window: Optional[mx.array] = None):
+    def __init__(self, n_fft: int, hop: Optional[int] = None, window: Optional[mx.array] = None,
+                 normalized: bool = True):
         super().__init__()
         self.n_fft = n_fft
+        self.scale = 1 / np.sqrt(n_fft) if normalized else 1.0
         self.hop = hop or n_fft // 4
         if window is not None and window.shape[0] != n_fft:
             raise ValueError(f"window has {window.shape[0]} samples, expected n_fft={n_fft}")
@@ -83,7 +86,8 @@ class Stft(nn.Module):
         x = mx.concatenate([left, x, right], axis=1)
         frames = (x.shape[1] - self.n_fft) // self.hop + 1
         idx = mx.arange(frames)[:, None] * self.hop + mx.arange(self.n_fft)[None]
-        spec = mx.fft.rfft(x[:, idx] * self.w, axis=-1) / np.sqrt(self.n_fft)
+        spec = mx.fft.rfft(x[:, idx] * self.w, axis=-1)
+        spec = spec * self.scale if self.scale != 1.0 else spec
         return spec.swapaxes(-1, -2).reshape(*sh, self.n_fft // 2 + 1, frames)
 
 

@@ -39,8 +39,7 @@ def _stft_power_normalised(audio: mx.array, n_fft: int, hop: int) -> mx.array:
     if audio.shape[-1] <= n_fft // 2:
         raise ValueError(f"audio of {audio.shape[-1]} samples is too short for n_fft={n_fft}")
     w = _hann_window(n_fft)
-    # Stft divides by sqrt(n_fft) (normalized=True); df divides by the window's energy instead.
-    return Stft(n_fft, hop, w)(audio.astype(mx.float32)) * (np.sqrt(n_fft) / mx.sqrt(mx.sum(w * w)))
+    return Stft(n_fft, hop, w, normalized=False)(audio.astype(mx.float32)) / mx.sqrt(mx.sum(w * w))
 
 
 def spec_figure(
