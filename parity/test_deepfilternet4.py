@@ -8,14 +8,13 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
 import df_mlx.deepfilternet4 as dfn4
 from df_mlx.config import config
-from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, fixture_report, load_fixture, mlx_twin,
-                                  record_in_subprocess)
+from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, assert_fixture_current, fixture_report,
+                                  load_fixture, mlx_twin, record_in_subprocess)
 from parity.report import Tolerance
 
 # float32 through convs, attention (softmax over <= 10 frames), LayerNorms and Mamba scans of a
@@ -133,14 +132,7 @@ def test_live(name, live_dir):
 @live
 @pytest.mark.parametrize("name", COMMITTED)
 def test_committed_fixture_is_current(name, live_dir):
-    fresh, committed = load_fixture(name, live_dir), load_fixture(name)
-    if fresh.meta["fork"]["commit"] != committed.meta["fork"]["commit"]:
-        pytest.skip(f"checkout at {fresh.meta['fork']['commit']}, fixture from {committed.meta['fork']['commit']}")
-    assert fresh.state_dict.keys() == committed.state_dict.keys()
-    for key in fresh.state_dict:
-        np.testing.assert_allclose(fresh.state_dict[key], committed.state_dict[key], atol=1e-6, err_msg=key)
-    for a, b in zip(fresh.outputs + fresh.inputs, committed.outputs + committed.inputs):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_fixture_current(name, live_dir)
 
 
 def test_lite_rejects_df_feature_layout():

@@ -13,8 +13,8 @@ import pytest
 
 import df_mlx.discriminator as disc
 import df_mlx.loss as loss
-from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, fixture_report, load_fixture, mlx_call, mlx_kwargs,
-                                  record_in_subprocess)
+from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, assert_fixture_current, fixture_report,
+                                  load_fixture, mlx_call, mlx_kwargs, record_in_subprocess)
 from parity.report import Tolerance
 
 # float32 convolutions of <= 41 taps (up to 1024 channels in the live cases) on O(1) inputs,
@@ -138,11 +138,4 @@ def test_live(name, live_dir):
 @pytest.mark.parametrize("name", COMMITTED)
 def test_committed_fixture_is_current(name, live_dir):
     """The committed fixture is what the checkout records (same weights, inputs, outputs)."""
-    fresh, committed = load_fixture(name, live_dir), load_fixture(name)
-    if fresh.meta["fork"]["commit"] != committed.meta["fork"]["commit"]:
-        pytest.skip(f"checkout at {fresh.meta['fork']['commit']}, fixture from {committed.meta['fork']['commit']}")
-    assert fresh.state_dict.keys() == committed.state_dict.keys()
-    for key in fresh.state_dict:
-        np.testing.assert_allclose(fresh.state_dict[key], committed.state_dict[key], atol=1e-6, err_msg=key)
-    for a, b in zip(fresh.outputs + fresh.inputs, committed.outputs + committed.inputs):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert_fixture_current(name, live_dir)
