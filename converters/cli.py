@@ -41,14 +41,16 @@ def convert_cmd(src, output, epoch, config_path, overwrite):
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Output .ckpt file.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-def export_cmd(model_dir, output, overwrite):
+@click.option("--epoch", default="best", show_default=True,
+              help="For a `dfmlx train` directory: best, latest or an epoch number.")
+def export_cmd(model_dir, output, overwrite, epoch):
     """Write a df-mlx model's weights as a PyTorch checkpoint upstream `df` (or, for
     deepfilternet4, the DFNet4 fork) loads."""
     from converters.convert import export
     from df_mlx.checkpoint import ModelDirError
 
     try:
-        path = export(model_dir, output, overwrite)
+        path = export(model_dir, output, overwrite, _epoch(epoch))
     except (CheckpointError, ModelDirError) as e:
         raise click.ClickException(str(e))
     click.echo(f"wrote {path}")

@@ -197,16 +197,20 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
     return ConvertResult(out_dir, family, source.description, len(state), n_params, ignored)
 
 
-def export(model_dir, out_path, overwrite: bool = False) -> Path:
-    """Write a converted model's weights as a PyTorch state dict (`torch.load` +
-    `load_state_dict(strict=True)` in upstream `df`, or in the fork for deepfilternet4),
-    atomically."""
+def export(model_dir, out_path, overwrite: bool = False, epoch: Union[str, int] = "best") -> Path:
+    """Write a converted model's (or a `dfmlx train` directory's checkpoint at `epoch`)
+    weights as a PyTorch state dict (`torch.load` + `load_state_dict(strict=True)` in upstream
+    `df`, or in the fork for deepfilternet4), atomically."""
     from df_mlx.checkpoint import load_model_dir
+    from df_mlx.enhance import is_training_dir, load_training_dir
 
     out_path = Path(out_path)
     if out_path.exists() and not overwrite:
         raise CheckpointError(f"output file already exists: {out_path} (use --overwrite)")
-    model, _ = load_model_dir(model_dir)
+    if is_training_dir(str(model_dir)):
+        model = load_training_dir(str(model_dir), epoch)
+    else:
+        model, _ = load_model_dir(model_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     os.close(fd)

@@ -51,9 +51,10 @@ def is_training_dir(model_base_dir: str) -> bool:
         glob.glob(os.path.join(model_base_dir, "checkpoints", f"model_*.{EXTENSION}*")))
 
 
-def _load_training_dir(model_base_dir: str, epoch, post_filter: bool, mask_only: bool, config_allow_defaults: bool):
-    """The model of a training directory at `epoch` (best, latest or a number), as df's
-    init_df loads its own model directories."""
+def load_training_dir(model_base_dir: str, epoch: Union[str, int, None] = "best", post_filter: bool = False,
+                      mask_only: bool = False, config_allow_defaults: bool = True):
+    """The model of a training directory at `epoch` (best, latest or a number; best falls back
+    to latest), as df's init_df loads its own model directories; its config becomes global."""
     config.load(os.path.join(model_base_dir, "config.ini"), config_must_exist=True,
                 allow_defaults=config_allow_defaults, allow_reload=True)
     _maybe_post_filter(post_filter)
@@ -121,7 +122,7 @@ def init_df(
     if use_default_model:
         logger.info(f"Using {default_model} model at {model_base_dir}")
     if is_training_dir(model_base_dir):
-        model = _load_training_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
+        model = load_training_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
     else:
         model = _load_model_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
     p = ModelParams()

@@ -19,6 +19,7 @@ import mlx.nn as mnn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_map
 
 import df_mlx.train as ours
 from converters.layout import _transforms, mlx_state_dict
@@ -573,3 +574,35 @@ def test_optimizer_check_fails_with_mlx_adamw(tmp_path, monkeypatch):
     print(report.summary())
     assert not report.passed
     assert not report.layers[0].passed  # already the first step of the first parameter
+
+
+@pytest.mark.parametrize("family", list(SMALL))
+def test_training_checkpoint_exports_to_df(family, tmp_path):
+    """A `dfmlx train` directory's checkpoint, exported with `dfmlx export`, loads into df's
+    model with strict=True and gives df's outputs for MLX's weights."""
+    from click.testing import CliRunner
+
+    from df_mlx.checkpoint import write_cp
+    from df_mlx.cli import main as cli
+
+    ini = _configure(family, SMALL[family], tmp_path)
+    ref_model, mlx_model, _, df_state, p = _twins(family, SMALL[family], seed=3)
+    base = tmp_path / "run"
+    (base / "checkpoints").mkdir(parents=True)
+    (base / "config.ini").write_text(ini)
+    mlx_model.update(tree_map(lambda w: w * 1.01, mlx_model.parameters()))  # not torch's init
+    write_cp(mlx_model, "model", str(base / "checkpoints"), 4)
+    result = CliRunner().invoke(cli, ["export", str(base), "-o", str(tmp_path / "out.ckpt"), "--epoch", "latest"])
+    assert result.exit_code == 0, result.output
+    ref_model.load_state_dict(torch.load(tmp_path / "out.ckpt", weights_only=True), strict=True)
+    batch = _samples(df_state, p, 1)
+    ref_model.eval()
+    mlx_model.eval()
+    with torch.no_grad():
+        ref_out = ref_model(*(torch.from_numpy(np.array(x)) for x in (ours.as_real(batch.noisy), batch.feat_erb,
+                                                                      ours.as_real(batch.feat_spec))))
+    mlx_out = mlx_model(spec=ours.as_real(batch.noisy), feat_erb=batch.feat_erb, feat_spec=ours.as_real(batch.feat_spec))
+    report = Report(f"{family} exported training checkpoint", "df 0.5.6")
+    for i, (a, b) in enumerate(zip(mlx_out[:3], ref_out[:3])):
+        report.add(compare(f"output.{i}", a, b.numpy(), LOSS))
+    _assert(report)
