@@ -45,15 +45,21 @@ def gru_scan(xp: mx.array, h: mx.array, w_hh: mx.array, b_hh: Optional[mx.array]
     """The GRU recurrence over axis 0 of the input projection xp [T, B, 3H] (x @ W_ih.T + b_ih,
     computed for all steps at once by the caller) from h [B, H]; w_hh [3H, H] in torch layout.
     Returns (outputs [T, B, H], last hidden state [B, H]); `reverse` runs from the last step."""
-    steps = xp.shape[0]
-    if steps == 0:
-        raise ValueError("GRU input has no time steps")
     w_hh_t = mx.contiguous(w_hh.T)
     if b_hh is None:  # adding an exact zero keeps a single compiled step function
         b_hh = mx.zeros((w_hh.shape[0],), dtype=xp.dtype)
+    return scan_steps(xp, h, lambda x_t, h_t: _gru_step(x_t, h_t, w_hh_t, b_hh), reverse)
+
+
+def scan_steps(xp: mx.array, h: mx.array, step, reverse: bool = False) -> Tuple[mx.array, mx.array]:
+    """h = step(xp[t], h) over axis 0 of xp (from the last step if `reverse`); returns (every
+    step's h stacked, the last h). Shared by the float and the quantized GRU."""
+    steps = xp.shape[0]
+    if steps == 0:
+        raise ValueError("GRU input has no time steps")
     out = [None] * steps
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
-        h = _gru_step(xp[t], h, w_hh_t, b_hh)
+        h = step(xp[t], h)
         out[t] = h
     return mx.stack(out), h
 
@@ -109,6 +115,14 @@ class GRU(nn.Module):
     def _suffixes(self, layer: int):
         return [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
 
+    def _input_projection(self, x: mx.array, sfx: str) -> mx.array:
+        """x @ W_ih.T + b_ih for every step at once (df_mlx.quantization.QuantizedGRU overrides it)."""
+        return linear(x, self["weight_ih" + sfx], self.get("bias_ih" + sfx))
+
+    def _recurrence(self, xp: mx.array, h: mx.array, sfx: str, reverse: bool) -> Tuple[mx.array, mx.array]:
+        """The per-step recurrence with W_hh (QuantizedGRU overrides it)."""
+        return gru_scan(xp, h, self["weight_hh" + sfx], self.get("bias_hh" + sfx), reverse=reverse)
+
     def _check(self, x: mx.array, h0: Optional[mx.array]) -> bool:
         """Validate shapes as torch does; returns whether the input is batched."""
         if x.ndim not in (2, 3):
@@ -143,9 +157,8 @@ class GRU(nn.Module):
                 x = _dropout(x, self.dropout)
             outs = []
             for d, sfx in enumerate(self._suffixes(layer)):
-                xp = linear(x, self["weight_ih" + sfx], self.get("bias_ih" + sfx))
-                out, h = gru_scan(xp, h0[len(h_n)], self["weight_hh" + sfx], self.get("bias_hh" + sfx),
-                                  reverse=d == 1)
+                xp = self._input_projection(x, sfx)
+                out, h = self._recurrence(xp, h0[len(h_n)], sfx, reverse=d == 1)
                 outs.append(out)
                 h_n.append(h)
             x = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
