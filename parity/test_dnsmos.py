@@ -1,5 +1,8 @@
 """df_mlx.scripts.dnsmos against df.scripts.dnsmos (local P.835 path), same ONNX models."""
 
+import importlib.util
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -33,11 +36,24 @@ def _audio(seconds: float, noise_gain: float) -> np.ndarray:
     return resample(mix, 48000, 16000).astype(np.float32)
 
 
+@pytest.fixture(params=["librosa", "no_librosa"])
+def stft_path(request, monkeypatch):
+    """df takes librosa's STFT (zero-padded ends) when librosa imports, torch's (reflected
+    ends) otherwise; both sides see the same environment."""
+    if request.param == "no_librosa":
+        monkeypatch.setitem(sys.modules, "librosa", None)  # `import librosa` raises ImportError
+    elif importlib.util.find_spec("librosa") is None:
+        pytest.skip("librosa not installed")
+    ours._librosa_importable.cache_clear()
+    yield request.param
+    ours._librosa_importable.cache_clear()
+
+
 @pytest.mark.parametrize("seconds, noise_gain", [(4.0, 1.0), (11.5, 0.3), (10.0, 3.0)])
-def test_dnsmos_local(models, seconds, noise_gain):
+def test_dnsmos_local(models, seconds, noise_gain, stft_path):
     ref = import_ref("scripts.dnsmos")
     audio = _audio(seconds, noise_gain)
-    report = Report(f"DNSMOS {seconds}s noise x{noise_gain}", "df.scripts.dnsmos")
+    report = Report(f"DNSMOS {seconds}s noise x{noise_gain} ({stft_path})", "df.scripts.dnsmos")
     report.add(compare("logpowspec", ours.audio_logpowspec(audio[:16000]),
                        ref.audio_logpowspec(torch.from_numpy(audio[:16000])), FEATURES))
     theirs = ref.dnsmos_local(torch.from_numpy(audio).numpy(), *models)

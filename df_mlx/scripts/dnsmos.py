@@ -11,6 +11,7 @@ ported: df-mlx runs offline.
 
 import argparse
 import importlib.util
+from functools import lru_cache
 import warnings
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -52,12 +53,22 @@ def local_onnx_models() -> Tuple[str, str]:
     return str(sig), str(bak_ovr)
 
 
+@lru_cache(maxsize=1)
+def _librosa_importable() -> bool:
+    try:
+        importlib.import_module("librosa")
+    except ImportError:
+        return False
+    return True
+
+
 def audio_logpowspec(audio, nfft=320, hop_length=160) -> np.ndarray:
-    """log10 power spectrogram [frames, nfft/2 + 1] of torch.stft's centred, reflect-padded,
-    Hann-windowed frames, floored at 1e-12."""
+    """log10 power spectrogram [frames, nfft/2 + 1] of centred, Hann-windowed frames, floored
+    at 1e-12. As df: when librosa imports, df takes librosa's STFT, which pads the ends with
+    zeros; otherwise torch.stft's, which reflects them. The scores depend on which."""
     x = np.asarray(audio, dtype=np.float32)
     half = nfft // 2
-    x = np.pad(x, (half, half), mode="reflect")
+    x = np.pad(x, (half, half), mode="constant" if _librosa_importable() else "reflect")
     frames = np.lib.stride_tricks.sliding_window_view(x, nfft)[::hop_length]
     window = (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(nfft) / nfft)).astype(np.float32)
     spec = np.fft.rfft((frames * window).astype(np.float64), axis=-1)
