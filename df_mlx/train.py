@@ -24,7 +24,7 @@ parameters are neither decayed nor counted as stepped.
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -312,8 +312,9 @@ def _skip_non_finite(e: Exception, model, n_nans: int, what: str) -> int:
 
 def run_epoch(model, epoch: int, loader, split: str, opt: optim.Optimizer, losses: Loss, summary_dir: Optional[str],
               lr_scheduler_values: Optional[np.ndarray] = None, wd_scheduler_values: Optional[np.ndarray] = None,
-              progress: bool = True) -> float:
-    """One pass over `split` (training steps for "train"); returns the mean batch loss."""
+              progress: bool = True, step: Optional[Callable[[Batch, int, int], StepResult]] = None) -> float:
+    """One pass over `split` (training steps for "train"); returns the mean batch loss.
+    `step(batch, i, it)` replaces `train_step` for training batches (df_mlx.train_gan's G/D step)."""
     log_freq = config("LOG_FREQ", cast=int, default=100, section="train")
     bs = loader.get_batch_size(split)
     logger.info(f"Start {split} epoch {epoch} with batch size {bs}")
@@ -331,7 +332,7 @@ def run_epoch(model, epoch: int, loader, split: str, opt: optim.Optimizer, losse
         apply_schedules(opt, start_steps + i, lr_scheduler_values, wd_scheduler_values)
         try:
             if is_train:
-                result = train_step(model, opt, losses, batch)
+                result = train_step(model, opt, losses, batch) if step is None else step(batch, i, start_steps + i)
                 err, outputs = result.loss, result.outputs
             else:
                 err, outputs = forward_loss(model, losses, batch)
@@ -402,10 +403,12 @@ def _epoch_metrics(loss: float, losses: Loss) -> Dict[str, float]:
 
 
 def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir: str, summary_dir: Optional[str],
-               epoch: int = 0, resume: bool = True, progress: bool = True) -> Tuple[Optional[float], int]:
+               epoch: int = 0, resume: bool = True, progress: bool = True,
+               train_epoch: Optional[Callable] = None) -> Tuple[Optional[float], int]:
     """df.train.main's epochs from a built model, optimizer and loader (main also parses
     arguments and builds libdfdata's loader, which df_mlx does not have). Returns the test
-    loss of the best checkpoint and its epoch; (None, epoch) when `should_stop` was set."""
+    loss of the best checkpoint and its epoch; (None, epoch) when `should_stop` was set.
+    `train_epoch` (run_epoch's signature) replaces run_epoch for the training epochs."""
     bs = config("BATCH_SIZE", 1, int, section="train")
     schedule = _batch_size_schedule()
     prev_bs = bs
@@ -428,7 +431,8 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
                 loader.set_batch_size(scheduled, "train")
                 lrs, wds = setup_lrs(len(loader)), setup_wds(len(loader))
                 prev_bs = scheduled
-        train_loss = run_epoch(model, epoch, loader, "train", opt, losses, summary_dir, lrs, wds, progress)
+        train_loss = (train_epoch or run_epoch)(model, epoch, loader, "train", opt, losses, summary_dir, lrs, wds,
+                                                progress)
         metrics = {"loss": train_loss, "lr": opt.param_groups[0]["lr"]}
         if debug:
             metrics.update({n: float(mx.stack(v).mean().item()) for n, v in losses.get_summaries()})
@@ -500,10 +504,11 @@ def setup_dataloader(data_config_file: str, data_dir: str, p: ModelParams, seed:
 
 
 def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = True, log_level: Optional[str] = None,
-         debug_: bool = False, progress: bool = True) -> Tuple[Optional[float], int]:
+         debug_: bool = False, progress: bool = True, loop: Optional[Callable] = None) -> Tuple[Optional[float], int]:
     """df.train's entry point: the model of `base_dir/config.ini` trained on the dataset config's
     HDF5 files in `data_dir`; checkpoints, summaries and train.log under `base_dir`, resuming
-    from its latest checkpoint unless `resume` is False. Returns (test loss, best epoch)."""
+    from its latest checkpoint unless `resume` is False. Returns (test loss, best epoch).
+    `loop` (train_loop's signature) replaces train_loop (df_mlx.train_gan adds the discriminator)."""
     import signal
 
     from df_mlx.checkpoint import load_model
@@ -541,5 +546,5 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     opt = load_opt(checkpoint_dir if resume else None, model, mask_only, df_only)
     losses = setup_losses()
     config.save(config_file)
-    return train_loop(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch=epoch, resume=resume,
-                      progress=progress)
+    return (loop or train_loop)(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch=epoch, resume=resume,
+                                progress=progress)

@@ -3,7 +3,8 @@
 BASE_DIR holds the model's config.ini (df's keys; a missing one is created with df's
 defaults), and receives checkpoints/, summaries/ and train.log; a run resumes from the latest
 checkpoint there unless --no-resume. DATA_DIR holds the HDF5 files (or audio folders) that
-DATASET_CFG names, built with `python -m df_mlx.scripts.prepare_data`.
+DATASET_CFG names, built with `python -m df_mlx.scripts.prepare_data`. With `[train]
+gan_enabled = true` the DFNet4 fork's adversarial training runs (df_mlx.train_gan).
 """
 
 import click
@@ -20,7 +21,8 @@ import click
 def train_cmd(data_config_file, data_dir, base_dir, resume, log_level, debug, progress):
     """Train the model of BASE_DIR/config.ini on DATA_DIR's datasets (DATASET_CFG)."""
     from df_mlx.libdfdata import DatasetError
-    from df_mlx.train import TrainSetupError, main
+    from df_mlx.train import TrainSetupError
+    from df_mlx.train_gan import main
 
     try:
         test_loss, epoch = main(data_config_file, data_dir, base_dir, resume=resume, log_level=log_level,

@@ -298,6 +298,67 @@ for _frames in GROWTH_FRAMES:
     ):
         CASES[_case.name] = _case
 
+# One GAN training step of the fork's own run_epoch (group "gan_step", recorded by
+# parity/fork_gan_step.py, checked in parity/test_train_gan.py): a small DFN3 generator at 16 kHz
+# and sub-discriminators rebuilt at `channels`; epoch 1 (after the generator's lr warm-up).
+GAN_STEP_INI = """[train]
+model = deepfilternet3
+device = cpu
+max_epochs = 3
+batch_size = 2
+gan_enabled = true
+{train}
+[df]
+sr = 16000
+fft_size = 64
+hop_size = 32
+nb_erb = 8
+nb_df = 16
+df_order = 3
+
+[deepfilternet]
+conv_ch = 8
+emb_hidden_dim = 16
+df_hidden_dim = 16
+emb_num_layers = 2
+df_num_layers = 2
+enc_linear_groups = 4
+linear_groups = 2
+
+[optim]
+lr = 0.001
+lr_warmup = 0.0001
+warmup_epochs = 1
+weight_decay = 0.05
+discriminator_lr = 0.0005
+
+[multiresspecloss]
+factor = 1
+factor_complex = 1
+gamma = 0.3
+fft_sizes = 32,64
+
+[localsnrloss]
+factor = 0.001
+
+[ganloss]
+{gan}
+"""
+for _case in (
+    Case("gan_step_mpd", "train.run_epoch", dict(model="deepfilternet3", disc="mpd", channels=[4, 8, 8, 16], epoch=1),
+         ini=GAN_STEP_INI.format(train="discriminator_type = mpd\nmpd_periods = 2,3\n",
+                                 gan="factor = 1\ntype = lsgan\n\n[featurematchingloss]\nfactor = 2"),
+         inputs=[(2, 40)], seed=70, group="gan_step",
+         description="G and D step: MPD (periods 2, 3, weight_norm), LS-GAN, feature matching"),
+    Case("gan_step_msd_spectral", "train.run_epoch",
+         dict(model="deepfilternet3", disc="msd", channels=[4, 16, 16, 16, 16, 16, 4], epoch=1),
+         ini=GAN_STEP_INI.format(train="discriminator_type = msd\nmsd_scales = 2\ndiscriminator_spectral_norm = true\n",
+                                 gan="factor = 0.5\ntype = hinge\n\n[featurematchingloss]\nfactor = 1.5"),
+         inputs=[(2, 40)], seed=71, group="gan_step",
+         description="G and D step: MSD (2 scales, spectral_norm in training mode), hinge loss, feature matching"),
+):
+    CASES[_case.name] = _case
+
 
 # ----------------------------------------------------------------------------------------------
 # Recording (needs torch and the fork)
@@ -460,6 +521,10 @@ def record(case: Case, out_dir: Path, fork: Optional[Path] = None) -> Path:
     import_ref = _load_fork(path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if case.group == "gan_step":  # a training step, not one module
+        from parity.fork_gan_step import record_gan_step
+
+        return record_gan_step(case, import_ref, path, out_dir)
     with tempfile.TemporaryDirectory() as tmp:
         module, inputs = _build(case, import_ref, Path(tmp))
     if case.warmup:

@@ -275,3 +275,22 @@ def test_train_cli_bad_input(dataset, tmp_path, case):
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
     assert not list((base / "checkpoints").glob("*")) if (base / "checkpoints").exists() else True
+
+
+@pytest.mark.slow
+def test_gan_training_end_to_end(dataset, tmp_path):
+    """`dfmlx train` with the fork's GAN keys trains against a period discriminator and writes
+    its checkpoints next to the model's."""
+    out, _ = dataset
+    cfg = tmp_path / "one_step.cfg"  # the fork-width discriminator is slow: one training batch
+    cfg.write_text(json.dumps({"train": [["speech_pcm_int16.hdf5", 0.2], ["noise.hdf5"]],
+                               "valid": [["speech_flac.hdf5", 0.1], ["noise.hdf5"]],
+                               "test": [["speech_vorbis.hdf5", 0.1], ["noise.hdf5"]]}))
+    base = _write_base(tmp_path / "gan", "[GANLoss]\nfactor = 1\n[FeatureMatchingLoss]\nfactor = 1\n")
+    ini = (base / "config.ini").read_text().replace("max_epochs = 3", "max_epochs = 1")
+    ini = ini.replace("[train]\n", "[train]\ngan_enabled = true\ndiscriminator_type = mpd\nmpd_periods = 2\n", 1)
+    (base / "config.ini").write_text(ini)
+    result = CliRunner().invoke(cli, ["train", str(cfg), str(out), str(base), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in (base / "checkpoints").iterdir()}
+    assert {"model_1.safetensors", "opt_1.safetensors", "disc_1.safetensors", "d_opt_1.safetensors"} <= names, names
