@@ -32,6 +32,21 @@ def randomize_norm_stats(torch_module, seed: int = 0):
     return torch_module
 
 
+def before_batchnorm(names) -> set:
+    """Parameters of a module whose next sibling is a BatchNorm (`X.k.*` with `X.(k+1).running_mean`),
+    and the BatchNorm's own affine parameters. In training mode their gradients cancel: the
+    weight's gradient sum(g * x_hat) sums terms whose x_hat is zero-mean over the batch, and the
+    conv before it feeds a batch-mean subtraction; float32 rounding is amplified there."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[-2].isdigit():
+            sibling = ".".join(parts[:-2] + [str(int(parts[-2]) + 1), "running_mean"])
+            if sibling in names or ".".join(parts[:-1] + ["running_mean"]) in names:
+                out.add(name)
+    return out
+
+
 def twin(torch_module, mlx_module, train: bool = False):
     """Copy the torch weights into the MLX module (strict) and set both modes."""
     load_torch_state_dict(mlx_module, state_dict_numpy(torch_module))

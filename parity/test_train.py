@@ -25,6 +25,7 @@ import df_mlx.train as ours
 from converters.layout import _transforms, mlx_state_dict
 from df_mlx import optim as ours_optim
 from parity.models import VARIANTS, _ini
+from parity.pairs import before_batchnorm
 from parity.reference import import_ref, load_configs, load_reference
 from parity.report import Report, Tolerance, compare
 
@@ -188,19 +189,6 @@ def _torch_layout(mlx_model, grads):
 
     return {k: convert(k, g) for k, g in grads.items()}
 
-
-def _before_bn(names):
-    """Parameters of a module whose next sibling is a BatchNorm (`X.k.*` with `X.(k+1).running_mean`),
-    and the BatchNorm's own affine parameters: the weight's gradient sum(g * x_hat) sums terms
-    whose x_hat is zero-mean over the batch, the same cancellation."""
-    out = set()
-    for name in names:
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[-2].isdigit():
-            sibling = ".".join(parts[:-2] + [str(int(parts[-2]) + 1), "running_mean"])
-            if sibling in names or ".".join(parts[:-1] + ["running_mean"]) in names:
-                out.add(name)
-    return out
 
 
 def _grads_of(model):
@@ -367,7 +355,7 @@ class _Run:
 
     def _grad_rows(self, report):
         r, m = self.ref_rec, self.mlx_rec
-        before_bn = _before_bn(set(self.ref_model.state_dict()))
+        before_bn = before_batchnorm(set(self.ref_model.state_dict()))
         report.add(compare("grad_norm", np.array(m["norm"][0]), np.array(r["norm"][0]), GRAD_NORM))
         unreached_ref = sorted(set(dict(self.ref_model.named_parameters())) - set(r["grads"][0]))
         unreached_mlx = sorted(k for k, g in m["grads"][0].items() if g is None)

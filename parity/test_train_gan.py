@@ -21,6 +21,7 @@ from converters.layout import _transforms, load_torch_state_dict, mlx_state_dict
 from df_mlx.config import config
 from parity.fork_gan_step import BATCH_FIELDS, GAN_STEP_OUTPUTS
 from parity.fork_recorder import CASES, ENV_VAR, FIXTURE_DIR, load_fixture, record_in_subprocess
+from parity.pairs import before_batchnorm
 from parity.report import Report, Tolerance, compare
 
 GAN_STEP_CASES = [name for name, case in CASES.items() if case.group == "gan_step"]
@@ -136,17 +137,6 @@ class GanRun:
         return out
 
 
-def _before_bn(names):
-    """Parameters of a conv whose next sibling is a BatchNorm, and the BatchNorm's affine ones."""
-    out = set()
-    for name in names:
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[-2].isdigit():
-            sibling = ".".join(parts[:-2] + [str(int(parts[-2]) + 1), "running_mean"])
-            if sibling in names or ".".join(parts[:-1] + ["running_mean"]) in names:
-                out.add(name)
-    return out
-
 
 def gan_step_report(fixture, run: GanRun) -> Report:
     report = Report(f"{fixture.case['name']}: one GAN step", fixture.describe())
@@ -159,7 +149,7 @@ def gan_step_report(fixture, run: GanRun) -> Report:
         report.add(compare(f"loss.{name}", run.losses()[name], ref, LOSS))
     grads = run.grads()
     assert sorted(grads) == sorted(fixture.grad_params), "parameters with gradients differ from the fork's"
-    before_bn = _before_bn({k for k in fixture.state_dict})
+    before_bn = before_batchnorm({k for k in fixture.state_dict})
     grad_rows = {}
     for name, ref in fixture.grad_params.items():
         row = compare(f"grad.{name}", grads[name], ref, GRAD_BEFORE_BN if name in before_bn else GRAD)
