@@ -15,6 +15,9 @@ from parity.report import Report, Tolerance, compare
 
 # Bit-exact steps: same float32 operations in the same order as libdf.
 EXACT = Tolerance(0.0, 0.0, "same float32 operations in libdf's order")
+# ERB energies in dB: float32 log10 is not correctly rounded; numpy's SIMD loops (chosen by the
+# CPU) and the C library's log10f (libdf) may differ by an ulp, i.e. 7.6e-6 at -100 dB.
+LOG10 = Tolerance(0.0, 2.4e-7, "float32 log10: numpy's CPU-dependent SIMD vs libm's log10f, 1-2 ulp")
 # The FFT is numpy's (float64) instead of RustFFT's (float32): a few float32 ulps of the
 # spectrum's peak. Measured worst 3.1e-7 relative over the settings below.
 SPECTRUM = Tolerance(0.0, 1e-6, "FFT rounding: numpy float64 vs RustFFT float32")
@@ -117,9 +120,9 @@ def dsp_report(setting: Setting, alpha: float = 0.99) -> Report:
 
         for db in (True, False):
             report.add(compare(f"{sig_name}/erb_db={db}", ours.erb(spec_ref, widths, db=db),
-                               libdf.erb(spec_ref, widths, db=db), EXACT))
+                               libdf.erb(spec_ref, widths, db=db), LOG10 if db else EXACT))
         erb_4d = spec_ref[None]
-        report.add(compare(f"{sig_name}/erb_4d", ours.erb(erb_4d, widths), libdf.erb(erb_4d, widths), EXACT))
+        report.add(compare(f"{sig_name}/erb_4d", ours.erb(erb_4d, widths), libdf.erb(erb_4d, widths), LOG10))
         gains = np.random.default_rng(1).random((2, 7, len(widths)), dtype=np.float32)
         report.add(compare(f"{sig_name}/erb_inv", ours.erb_inv(gains, widths), libdf.erb_inv(gains, widths), EXACT))
 
