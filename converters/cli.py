@@ -32,6 +32,8 @@ def convert_cmd(src, output, epoch, config_path, overwrite):
             ("parameters", f"{r.parameters:,}"), ("output", str(r.out_dir))]
     if r.ignored:
         rows.append(("ignored (as upstream)", ", ".join(r.ignored)))
+    if r.discriminator:
+        rows.append(("discriminator", f"{r.discriminator} -> discriminator.safetensors"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         click.echo(f"{k.ljust(width)}  {v}")
@@ -50,7 +52,8 @@ def export_cmd(model_dir, output, overwrite, epoch):
     from df_mlx.checkpoint import ModelDirError
 
     try:
-        path = export(model_dir, output, overwrite, _epoch(epoch))
+        paths = export(model_dir, output, overwrite, _epoch(epoch))
     except (CheckpointError, ModelDirError) as e:
         raise click.ClickException(str(e))
-    click.echo(f"wrote {path}")
+    for path in paths:
+        click.echo(f"wrote {path}")

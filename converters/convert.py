@@ -55,6 +55,7 @@ class ConvertResult:
     tensors: int
     parameters: int
     ignored: List[str]
+    discriminator: Optional[str] = None  # the fork's disc checkpoint converted alongside
 
 
 def sha256(path: Path) -> str:
@@ -185,6 +186,7 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
             raise CheckpointError(f"{source.description}: {e}") from None
         model.load_weights(weights, strict=True)
         mx.eval(model.parameters())
+        extra, disc_source = _discriminator_alongside(source.checkpoint)
         meta = {
             "family": family,
             "source": source.description,
@@ -192,32 +194,62 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
             "reference_version": REFERENCE_VERSIONS.get(family, REFERENCE_VERSION),
             "converter_version": CONVERTER_VERSION,
         }
-        write_model_dir(model, out_dir, meta, overwrite=overwrite)
+        write_model_dir(model, out_dir, meta, overwrite=overwrite, extra=extra)
     n_params = int(sum(v.size for v in state.values() if not np.issubdtype(v.dtype, np.integer)))
-    return ConvertResult(out_dir, family, source.description, len(state), n_params, ignored)
+    return ConvertResult(out_dir, family, source.description, len(state), n_params, ignored, disc_source)
 
 
-def export(model_dir, out_path, overwrite: bool = False, epoch: Union[str, int] = "best") -> Path:
+def _discriminator_alongside(model_checkpoint: Path):
+    """The fork's `disc_<epoch>.ckpt` next to the model checkpoint, converted for the model's
+    (global) config: ({file name: weights}, its name), or ({}, None) when there is none."""
+    from converters.discriminator import DISC_FILE, convert_discriminator, disc_checkpoint_for, discriminator_weights
+
+    disc_cp = disc_checkpoint_for(model_checkpoint)
+    if disc_cp is None:
+        return {}, None
+    return {DISC_FILE: discriminator_weights(convert_discriminator(disc_cp))}, disc_cp.name
+
+
+def disc_export_path(out_path) -> Path:
+    """Where `export` writes a converted discriminator: `<name>_disc<suffix>` beside the model."""
+    out_path = Path(out_path)
+    return out_path.with_name(f"{out_path.stem}_disc{out_path.suffix}")
+
+
+def export(model_dir, out_path, overwrite: bool = False, epoch: Union[str, int] = "best") -> List[Path]:
     """Write a converted model's (or a `dfmlx train` directory's checkpoint at `epoch`)
     weights as a PyTorch state dict (`torch.load` + `load_state_dict(strict=True)` in upstream
-    `df`, or in the fork for deepfilternet4), atomically."""
+    `df`, or in the fork for deepfilternet4), atomically; a converted discriminator goes to
+    `disc_export_path(out_path)`. Returns the files written."""
     from df_mlx.checkpoint import load_model_dir
     from df_mlx.enhance import is_training_dir, load_training_dir
 
+    from converters.discriminator import DISC_FILE, export_state_dict
+
     out_path = Path(out_path)
-    if out_path.exists() and not overwrite:
-        raise CheckpointError(f"output file already exists: {out_path} (use --overwrite)")
+    has_disc = (Path(model_dir) / DISC_FILE).is_file()
+    for path in [out_path] + ([disc_export_path(out_path)] if has_disc else []):
+        if path.exists() and not overwrite:
+            raise CheckpointError(f"output file already exists: {path} (use --overwrite)")
     if is_training_dir(str(model_dir)):
         model = load_training_dir(str(model_dir), epoch)
     else:
         model, _ = load_model_dir(model_dir)
+    states = {out_path: mlx_state_dict(model)}
+    if has_disc:
+        states[disc_export_path(out_path)] = export_state_dict(model_dir)
+    for path, state in states.items():
+        _write_atomically(state, path)
+    return list(states)
+
+
+def _write_atomically(state: Dict[str, np.ndarray], out_path: Path):
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
     os.close(fd)
     try:
-        write_state_dict(mlx_state_dict(model), Path(tmp))
+        write_state_dict(state, Path(tmp))
         os.replace(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return out_path

@@ -40,8 +40,10 @@ def is_model_dir(path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 
-def write_model_dir(model, out_dir, metadata: Dict[str, str], overwrite: bool = False) -> Path:
-    """Write the global config and the model's weights to `out_dir`, atomically."""
+def write_model_dir(model, out_dir, metadata: Dict[str, str], overwrite: bool = False,
+                    extra: Optional[Dict[str, Dict[str, mx.array]]] = None) -> Path:
+    """Write the global config and the model's weights to `out_dir`, atomically; `extra` adds
+    safetensors files (name -> weights) with the same metadata, e.g. a discriminator."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ModelDirError(f"output directory already exists: {out_dir}")
@@ -53,6 +55,8 @@ def write_model_dir(model, out_dir, metadata: Dict[str, str], overwrite: bool = 
         meta = {"format": FORMAT, "df_mlx_version": str(version), **{k: str(v) for k, v in metadata.items()}}
         weights = dict(tree_flatten(model.parameters()))
         mx.save_safetensors(str(tmp / MODEL_FILE), weights, metadata=meta)
+        for name, extra_weights in (extra or {}).items():
+            mx.save_safetensors(str(tmp / name), extra_weights, metadata=meta)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -59,10 +59,15 @@ class GanSetupError(base.TrainSetupError):
 
 
 def setup_discriminator() -> Optional[nn.Module]:
-    """The discriminator [train] names, or None without GAN_ENABLED (fork's keys and defaults;
-    any DISCRIMINATOR_TYPE other than mpd / msd is combined, as in the fork)."""
+    """The discriminator [train] names, or None without GAN_ENABLED."""
     if not config("GAN_ENABLED", False, bool, section="train"):
         return None
+    return build_discriminator()
+
+
+def build_discriminator() -> nn.Module:
+    """The discriminator [train] describes (the fork's keys and defaults; any
+    DISCRIMINATOR_TYPE other than mpd / msd is combined, as in the fork)."""
     disc_type = config("DISCRIMINATOR_TYPE", "combined", str, section="train").lower()
     spectral = config("DISCRIMINATOR_SPECTRAL_NORM", False, bool, section="train")
     if disc_type == "mpd":

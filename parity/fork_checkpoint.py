@@ -24,9 +24,12 @@ import numpy as np
 from parity.fork_recorder import ENV_VAR, _as_tuple, _load_fork, fork_dir
 
 
-def _run(config: Path, inputs: Path, out: Path, checkpoints: Sequence[Path], run_df: bool):
+def _run(config: Path, inputs: Path, out: Path, checkpoints: Sequence[Path], run_df: bool,
+         discriminator: bool = False):
     import torch
     from safetensors.numpy import load_file, save_file
+
+    from parity.fork_gan_step import _import_fork_train
 
     import_ref = _load_fork(fork_dir())
     import_ref("config").config.load(str(config), config_must_exist=True, allow_reload=True)
@@ -34,7 +37,10 @@ def _run(config: Path, inputs: Path, out: Path, checkpoints: Sequence[Path], run
     xs = [xs[f"input/{i}"] for i in range(len(xs))]
     tensors: Dict[str, np.ndarray] = {}
     for n, path in enumerate(checkpoints):
-        model = import_ref("model").init_model(run_df=run_df)
+        if discriminator:  # the fork's train.setup_discriminator for this config
+            model = _import_fork_train(import_ref).setup_discriminator()
+        else:
+            model = import_ref("model").init_model(run_df=run_df)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
         with torch.no_grad():  # copies: the fork's DF writes into its input in place
             out_n = _as_tuple(model.eval()(*(torch.from_numpy(x.copy()) for x in xs)))
@@ -44,8 +50,10 @@ def _run(config: Path, inputs: Path, out: Path, checkpoints: Sequence[Path], run
 
 
 def run_in_fork(config_text: str, inputs: List[np.ndarray], checkpoints: Sequence[Path], run_df: bool = True,
-                fork: Optional[str] = None, timeout: float = 300) -> List[List[np.ndarray]]:
-    """Each checkpoint's outputs from the fork's model for `config_text`, run in a subprocess."""
+                fork: Optional[str] = None, timeout: float = 300,
+                discriminator: bool = False) -> List[List[np.ndarray]]:
+    """Each checkpoint's outputs from the fork's model (or, with `discriminator`, the fork's
+    GAN discriminator) for `config_text`, run in a subprocess."""
     from safetensors.numpy import load_file, save_file
 
     root = Path(__file__).resolve().parent.parent
@@ -59,7 +67,8 @@ def run_in_fork(config_text: str, inputs: List[np.ndarray], checkpoints: Sequenc
         save_file({f"input/{i}": np.ascontiguousarray(x) for i, x in enumerate(inputs)}, str(tmp / "in.safetensors"))
         cmd = [sys.executable, "-m", "parity.fork_checkpoint", "--config", str(tmp / "config.ini"),
                "--inputs", str(tmp / "in.safetensors"), "--out", str(tmp / "out.safetensors"),
-               *([] if run_df else ["--no-df"]), *map(str, checkpoints)]
+               *([] if run_df else ["--no-df"]), *(["--discriminator"] if discriminator else []),
+               *map(str, checkpoints)]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(root))
         if res.returncode != 0:
             raise RuntimeError(f"running checkpoints in the fork failed:\n{res.stderr[-4000:]}")
@@ -75,8 +84,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--inputs", type=Path, required=True, help="safetensors with input/<i>")
     parser.add_argument("--out", type=Path, required=True, help="safetensors to write the outputs to")
     parser.add_argument("--no-df", action="store_true", help="init_model(run_df=False)")
+    parser.add_argument("--discriminator", action="store_true", help="the config's GAN discriminator")
     args = parser.parse_args(argv)
-    _run(args.config, args.inputs, args.out, args.checkpoints, not args.no_df)
+    _run(args.config, args.inputs, args.out, args.checkpoints, not args.no_df, args.discriminator)
     return 0
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_map
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,7 +22,7 @@ from parity.fork_recorder import CASES as FORK_CASES
 from parity.fork_recorder import ENV_VAR, load_fixture, record_in_subprocess
 from parity.pairs import randomize_norm_stats
 from parity.reference import import_ref, load_configs
-from parity.report import Report, compare
+from parity.report import Report, Tolerance, compare
 from parity.test_deepfilternet4 import DEFAULT_LAYER as DFN4_DEFAULT_LAYER
 from parity.test_deepfilternet4 import LAYER as DFN4_LAYER
 
@@ -149,3 +150,58 @@ def fork_live_dir(tmp_path_factory):
 def test_fork_default_checkpoint_round_trip(name, tmp_path, fork_live_dir):
     fixture = load_fixture(name, fork_live_dir)
     _fork_loads(fixture, *_fork_round_trip(fixture, tmp_path, DFN4_DEFAULT_LAYER))
+
+
+# Random full-width discriminators (1024-channel convs) reach outputs of ~1e6; float32 sums
+# over their inputs agree to a few 1e-6 of that scale (measured 5.6e-6).
+FULL_WIDTH_DISC = Tolerance(1e-5, 2e-5, "float32 sums of 1024-channel convolutions, relative to the output scale")
+
+
+@live
+@pytest.mark.parametrize("disc_keys", ["discriminator_type = msd\nmsd_scales = 2\n",
+                                       "discriminator_type = mpd\nmpd_periods = 3\ndiscriminator_spectral_norm = true\n"],
+                         ids=["msd_weight_norm", "mpd_spectral_norm"])
+def test_fork_discriminator_round_trip(disc_keys, tmp_path):
+    """The fork's own discriminator (its train.setup_discriminator, full width) loads the
+    discriminator `dfmlx convert` + `dfmlx export` round-tripped, strictly, and scores a
+    waveform exactly as from its original checkpoint and within float32 rounding of df_mlx's."""
+    from converters.discriminator import load_discriminator
+    from converters.layout import mlx_state_dict
+    from converters.torch_ckpt import write_state_dict
+    from df_mlx.config import config
+    from df_mlx.train_gan import build_discriminator
+    from parity.fork_recorder import _as_tuple
+
+    ini = f"[train]\nmodel = deepfilternet3\ngan_enabled = true\n{disc_keys}"
+    (tmp_path / "config.ini").write_text(ini)
+    config.load(str(tmp_path / "config.ini"), allow_reload=True)
+    disc = build_discriminator()
+    disc.update(tree_map(lambda w: w * 1.1, disc.trainable_parameters()))  # weight_g off |v|
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.ini").write_text(ini)
+    write_state_dict(mlx_state_dict(import_ref_free_model()), run / "checkpoints" / "model_2.ckpt")
+    source = run / "checkpoints" / "disc_2.ckpt"
+    write_state_dict(mlx_state_dict(disc), source)
+    assert CliRunner().invoke(main, ["convert", str(run), "-o", str(tmp_path / "out")]).exit_code == 0
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "out"), "-o", str(tmp_path / "back.ckpt")])
+    assert result.exit_code == 0, result.output
+    wave = np.random.default_rng(0).standard_normal((1, 1, 1200)).astype(np.float32) * 0.1
+    ours_exported, theirs = run_in_fork(ini, [wave], [tmp_path / "back_disc.ckpt", source], discriminator=True)
+    assert len(ours_exported) == len(theirs) > 0
+    for a, b in zip(ours_exported, theirs):
+        np.testing.assert_array_equal(a, b)
+    converted = load_discriminator(tmp_path / "out")
+    converted.eval()
+    report = Report("discriminator convert/export round trip vs the fork", "DFNet4 fork")
+    for i, (a, b) in enumerate(zip(_as_tuple(converted(mx.array(wave))), theirs)):
+        report.add(compare(f"output.{i}", a, b, FULL_WIDTH_DISC))
+    print(report.table())
+    assert report.passed, report.summary()
+
+
+def import_ref_free_model():
+    """df_mlx's model for the global config (random weights): the run's generator checkpoint."""
+    from df_mlx.model import init_model
+
+    return init_model()

@@ -221,3 +221,48 @@ def test_export_of_non_model_dir_fails(tmp_path):
     result = CliRunner().invoke(main, ["export", str(tmp_path), "-o", str(tmp_path / "x.ckpt")])
     assert result.exit_code == 1 and "is not a converted model" in result.output
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def _disc_state(ini: str, tmp_path: Path, scale: float = 1.0):
+    """df_mlx's discriminator for `ini` (random weights, weight_g scaled off w = v) as a state dict."""
+    from df_mlx.train_gan import build_discriminator
+
+    (tmp_path / "disc.ini").write_text(ini)
+    config.load(str(tmp_path / "disc.ini"), allow_reload=True)
+    state = {k: (v * scale if k.endswith("weight_g") else v) for k, v in mlx_state_dict(build_discriminator()).items()}
+    config.use_defaults(allow_reload=True)
+    return state
+
+
+@pytest.mark.parametrize("disc_keys", ["discriminator_type = msd\nmsd_scales = 1\n",
+                                       "discriminator_type = msd\nmsd_scales = 1\ndiscriminator_spectral_norm = true\n"],
+                         ids=["weight_norm", "spectral_norm"])
+def test_fork_run_with_discriminator_round_trip(tmp_path, dfn3_state, disc_keys):
+    """A fork training run's `disc_<epoch>.ckpt` (next to `model_<epoch>.ckpt`) converts into
+    discriminator.safetensors and exports back bit-identical, beside the model."""
+    ini = f"[train]\nmodel = deepfilternet3\ngan_enabled = true\n{disc_keys}"
+    disc = _disc_state(ini, tmp_path, scale=1.3)
+    src = _model_dir(tmp_path / "run", dfn3_state, ini)
+    write_state_dict(disc, src / "checkpoints" / "disc_7.ckpt")
+    write_state_dict(disc, src / "checkpoints" / "disc_3.ckpt")  # another epoch: not taken
+    result = _convert(src, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "disc_7.ckpt" in result.output and (tmp_path / "out" / "discriminator.safetensors").is_file()
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "out"), "-o", str(tmp_path / "back.ckpt")])
+    assert result.exit_code == 0, result.output
+    assert "back_disc.ckpt" in result.output
+    back = torch.load(tmp_path / "back_disc.ckpt", weights_only=True)
+    assert set(back) == set(disc)
+    for k, v in disc.items():
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+
+
+def test_discriminator_that_does_not_fit_fails_cleanly(tmp_path, dfn3_state):
+    ini = "[train]\nmodel = deepfilternet3\ngan_enabled = true\ndiscriminator_type = msd\nmsd_scales = 1\n"
+    disc = _disc_state(ini, tmp_path)
+    src = _model_dir(tmp_path / "run", dfn3_state, ini.replace("msd_scales = 1", "msd_scales = 2"))
+    write_state_dict(disc, src / "checkpoints" / "disc_7.ckpt")
+    result = _convert(src, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: disc_7.ckpt does not fit the configured discriminator")
+    assert not (tmp_path / "out").exists()
