@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 from typing import Optional
 
 CANDIDATES = ("openblas", "blis", "mkl_rt")
@@ -31,10 +32,14 @@ def _find() -> Optional[str]:
 def use_fast_blas() -> Optional[str]:
     """Load an optimised BLAS globally if MLX is not imported yet; returns what was loaded."""
     global loaded
-    if loaded or sys.platform != "linux" or "mlx.core" in sys.modules:
+    if loaded or sys.platform != "linux":
         return loaded
     path = _find()
     if path is None:
+        return None
+    if "mlx.core" in sys.modules:  # its BLAS symbols are bound already
+        warnings.warn("mlx.core was imported before df_mlx, so MLX keeps its bundled reference BLAS "
+                      "(matmuls ~10x slower on Linux): import df_mlx first", RuntimeWarning, stacklevel=3)
         return None
     try:
         ctypes.CDLL(path, mode=os.RTLD_GLOBAL | os.RTLD_NOW)

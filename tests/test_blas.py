@@ -31,7 +31,11 @@ def test_openblas_is_used_when_installed():
     assert "openblas" in _loaded()
 
 
-def test_no_effect_after_mlx_is_imported():
+def test_no_effect_after_mlx_is_imported_and_a_warning():
     code = "import mlx.core, df_mlx._blas as b; print(b.use_fast_blas())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
-    assert out == "None"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip() == "None"
+    import ctypes.util
+
+    if sys.platform == "linux" and ctypes.util.find_library("openblas") is not None:
+        assert "import df_mlx first" in res.stderr
