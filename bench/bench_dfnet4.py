@@ -55,7 +55,9 @@ def _torch_runner(tmp: Path, threads: int):
 
 
 def _mlx_runner(tmp: Path):
-    import df_mlx  # noqa: F401  (first: it loads the fast BLAS before mlx.core, see df_mlx/_blas.py)
+    from df_mlx._blas import use_fast_blas
+
+    use_fast_blas()  # before mlx.core is imported (see df_mlx/_blas.py)
     import mlx.core as mx
 
     from converters.layout import load_torch_state_dict

@@ -140,14 +140,19 @@ class PeriodDiscriminator(nn.Module):
                 raise ValueError(f"waveform of {t} samples too short to reflect-pad by {n_pad}")
             x = mx.concatenate([x, x[..., mx.arange(t - 2, t - 2 - n_pad, -1)]], axis=-1)
             t += n_pad
-        x = x.reshape(b, c, t // self.period, self.period)
-        fmap = []
-        for conv in self.convs:
-            x = nn.leaky_relu(conv(x), 0.1)
-            fmap.append(x)
-        x = self.conv_post(x)
+        return _score(self.convs, self.conv_post, x.reshape(b, c, t // self.period, self.period))
+
+
+def _score(convs, conv_post, x: mx.array) -> Tuple[mx.array, List[mx.array]]:
+    """Convolutions with leaky ReLU(0.1), then the post conv: (flattened scores [B, -1], every
+    layer's output as the feature maps)."""
+    fmap = []
+    for conv in convs:
+        x = nn.leaky_relu(conv(x), 0.1)
         fmap.append(x)
-        return x.reshape(b, -1), fmap
+    x = conv_post(x)
+    fmap.append(x)
+    return x.reshape(x.shape[0], -1), fmap
 
 
 class ScaleDiscriminator(nn.Module):
@@ -164,14 +169,7 @@ class ScaleDiscriminator(nn.Module):
         self.conv_post = NormConv(ch[6], 1, 3, 1, 1, spectral=use_spectral_norm)
 
     def __call__(self, x: mx.array) -> Tuple[mx.array, List[mx.array]]:
-        x = _as_waveform(x)
-        fmap = []
-        for conv in self.convs:
-            x = nn.leaky_relu(conv(x), 0.1)
-            fmap.append(x)
-        x = self.conv_post(x)
-        fmap.append(x)
-        return x.reshape(x.shape[0], -1), fmap
+        return _score(self.convs, self.conv_post, _as_waveform(x))
 
 
 class MultiPeriodDiscriminator(nn.Module):
