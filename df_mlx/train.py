@@ -21,10 +21,11 @@ does not reach: `train_step` treats an all-zero gradient as None so that, as in 
 parameters are neither decayed nor counted as stepped.
 """
 
+import glob
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -140,7 +141,8 @@ def _param_names(model, mask_only: bool, df_only: bool) -> List[str]:
     return names
 
 
-def load_opt(cp_dir: Optional[str], model, mask_only: bool = False, df_only: bool = False) -> optim.Optimizer:
+def load_opt(cp_dir: Optional[str], model, mask_only: bool = False, df_only: bool = False,
+             epoch: Union[str, int] = "latest") -> optim.Optimizer:
     """The optimizer df.train.load_opt builds from `[optim]`, with its state restored from
     `cp_dir` when there is one. The config keys and defaults are df's."""
     lr = config("LR", 5e-4, float, section="optim")
@@ -161,7 +163,7 @@ def load_opt(cp_dir: Optional[str], model, mask_only: bool = False, df_only: boo
     logger.debug(f"Training with optimizer {opt}")
     if cp_dir is not None:
         try:
-            read_cp(opt, "opt", cp_dir, log=False)
+            read_cp(opt, "opt", cp_dir, log=False, epoch=epoch)
         except ValueError as e:
             logger.error(f"Could not load optimizer state: {e}")
     for group in opt.param_groups:
@@ -459,6 +461,19 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
     return test_loss, epoch
 
 
+def resumable_epoch(checkpoint_dir: str) -> Optional[int]:
+    """The latest epoch with both a model and an optimizer checkpoint (None without one): a run
+    killed between writing the two resumes from the epoch before, where both agree (df resumes
+    each from its own latest file and would pair a new model with the previous optimizer)."""
+    from df_mlx.checkpoint import EXTENSION, get_epoch
+
+    def epochs(name: str) -> set:
+        return {get_epoch(f) for f in glob.glob(os.path.join(checkpoint_dir, f"{name}_*.{EXTENSION}"))}
+
+    both = epochs("model") & epochs("opt")
+    return max(both) if both else None
+
+
 class TrainSetupError(ValueError):
     """Arguments, config or data that stop training before its first step."""
 
@@ -541,9 +556,10 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     mask_only = config("MASK_ONLY", False, bool, section="train")
     df_only = config("DF_ONLY", False, bool, section="train")
     loader = setup_dataloader(data_config_file, data_dir, p, seed, log_level)
-    model, epoch = load_model(checkpoint_dir if resume else None, state, mask_only=mask_only,
-                              train_df_only=df_only)
-    opt = load_opt(checkpoint_dir if resume else None, model, mask_only, df_only)
+    resume_from = (resumable_epoch(checkpoint_dir) or "latest") if resume else None
+    cp_dir = checkpoint_dir if resume else None
+    model, epoch = load_model(cp_dir, state, mask_only=mask_only, train_df_only=df_only, epoch=resume_from)
+    opt = load_opt(cp_dir, model, mask_only, df_only, epoch=resume_from or "latest")
     losses = setup_losses()
     config.save(config_file)
     return (loop or train_loop)(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch=epoch, resume=resume,

@@ -33,7 +33,7 @@ Different on purpose, where the fork's code cannot run or loses state:
 import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from df_mlx import optim
 from df_mlx import train as base
-from df_mlx.checkpoint import read_cp, write_cp
+from df_mlx.checkpoint import EXTENSION, read_cp, write_cp
 from df_mlx.config import Csv, config
 from df_mlx.discriminator import CombinedDiscriminator, MultiPeriodDiscriminator, MultiScaleDiscriminator
 from df_mlx.logger import log_metrics
@@ -84,7 +84,7 @@ def build_discriminator() -> nn.Module:
     return disc
 
 
-def load_discriminator_opt(cp_dir: Optional[str], disc: nn.Module) -> optim.AdamW:
+def load_discriminator_opt(cp_dir: Optional[str], disc: nn.Module, epoch: Union[str, int] = "latest") -> optim.AdamW:
     """The fork's discriminator optimizer (AdamW, no amsgrad), state restored from `cp_dir`."""
     lr = config("DISCRIMINATOR_LR", 2e-4, float, section="optim")
     decay = config("DISCRIMINATOR_WEIGHT_DECAY", 0.0, float, section="optim")
@@ -94,7 +94,7 @@ def load_discriminator_opt(cp_dir: Optional[str], disc: nn.Module) -> optim.Adam
     logger.debug(f"Training discriminator with optimizer {opt}")
     if cp_dir is not None:
         try:
-            read_cp(opt, DISC_OPT_CP, cp_dir, log=False)
+            read_cp(opt, DISC_OPT_CP, cp_dir, log=False, epoch=epoch)
         except (ValueError, FileNotFoundError) as e:
             logger.warning(f"Could not load discriminator optimizer state: {e}")
     for group in opt.param_groups:
@@ -260,9 +260,12 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
     disc = setup_discriminator()
     if disc is None:
         return base.train_loop(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch, resume, progress)
+    # The generator resumes from `epoch` (df_mlx.train.resumable_epoch); the discriminator from
+    # the same epoch, whose disc/d_opt files are written before the model's.
+    disc_epoch = epoch if os.path.isfile(os.path.join(checkpoint_dir, f"{DISC_CP}_{epoch}.{EXTENSION}")) else "latest"
     if resume:
-        read_cp(disc, DISC_CP, checkpoint_dir)
-    trainer = GanTrainer(disc, load_discriminator_opt(checkpoint_dir if resume else None, disc), GanLoss(),
+        read_cp(disc, DISC_CP, checkpoint_dir, epoch=disc_epoch)
+    trainer = GanTrainer(disc, load_discriminator_opt(checkpoint_dir if resume else None, disc, disc_epoch), GanLoss(),
                          checkpoint_dir)
     if config_file is not None:
         config.save(config_file)

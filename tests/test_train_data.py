@@ -4,7 +4,12 @@ bundled speech and noise (loss goes down, `dfmlx enhance` loads the result, a ru
 mid-epoch resumes to the same weights as an uninterrupted one)."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -294,3 +299,48 @@ def test_gan_training_end_to_end(dataset, tmp_path):
     assert result.exit_code == 0, result.output
     names = {p.name for p in (base / "checkpoints").iterdir()}
     assert {"model_1.safetensors", "opt_1.safetensors", "disc_1.safetensors", "d_opt_1.safetensors"} <= names, names
+
+
+def _train_process(cfg, data, base) -> list:
+    return [sys.executable, "-m", "df_mlx.cli", "train", str(cfg), str(data), str(base), "--no-progress"]
+
+
+@pytest.mark.slow
+def test_train_resumes_after_sigkill(dataset, tmp_path):
+    """`dfmlx train` killed with SIGKILL as soon as epoch 2's model checkpoint appears (mid
+    checkpointing or mid validation), then run again, ends with exactly the weights of an
+    uninterrupted run: it resumes from the last epoch whose model and optimizer both exist."""
+    out, cfg = dataset
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    bases = {}
+    for name in ("straight", "killed"):
+        base = _write_base(tmp_path / name)
+        (base / "config.ini").write_text((base / "config.ini").read_text().replace("max_epochs = 3", "max_epochs = 5"))
+        bases[name] = base
+    subprocess.run(_train_process(cfg, out, bases["straight"]), env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(_train_process(cfg, out, bases["killed"]), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = bases["killed"] / "checkpoints" / "model_2.safetensors"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (bases["killed"] / "checkpoints" / "model_5.safetensors").exists()
+    subprocess.run(_train_process(cfg, out, bases["killed"]), env=env, check=True, capture_output=True)
+    a, b = _weights(bases["straight"], 5), _weights(bases["killed"], 5)
+    assert a.keys() == b.keys()
+    worst = max(float(mx.abs(a[k] - b[k]).max()) for k in a)
+    assert worst == 0.0, worst
+
+
+def test_resume_pairs_model_and_optimizer_epochs(tmp_path):
+    """A model checkpoint written without its optimizer (killed in between) is not resumed from."""
+    from df_mlx.train import resumable_epoch
+
+    cp = tmp_path / "checkpoints"
+    cp.mkdir()
+    assert resumable_epoch(str(cp)) is None
+    for name in ("model_1", "opt_1", "model_2", "model_2.safetensors.best"):
+        (cp / (name if name.endswith(".best") else f"{name}.safetensors")).write_bytes(b"")
+    assert resumable_epoch(str(cp)) == 1
