@@ -16,7 +16,8 @@ from loguru import logger
 
 from df_mlx.checkpoint import EXTENSION, is_model_dir, load_model, load_model_dir
 from df_mlx.config import config
-from df_mlx.libdf import DF, erb, erb_norm, unit_norm
+from df_mlx.libdf import DF
+from df_mlx.libdfdata import noisy_features
 from df_mlx.logger import init_logger
 from df_mlx.model import ModelParams
 from df_mlx.utils import get_device, get_norm_alpha
@@ -138,10 +139,8 @@ def df_features(audio, df: DF, nb_df: int, device=None) -> Tuple[mx.array, mx.ar
     """Audio [C, T] -> spec [C, 1, T', F, 2], ERB features [C, 1, T', E], normalised complex
     features [C, 1, T', nb_df, 2], exactly as df computes them with libdf."""
     spec = df.analysis(np.asarray(audio, dtype=np.float32))
-    a = get_norm_alpha(False)
-    erb_feat = erb_norm(erb(spec, df.erb_widths()), a)[:, None]
-    spec_feat = _as_real(unit_norm(spec[..., :nb_df], a))[:, None]
-    return mx.array(_as_real(spec)[:, None]), mx.array(erb_feat), mx.array(spec_feat)
+    erb_feat, spec_feat = noisy_features(spec, df.erb_widths(), nb_df, get_norm_alpha(False))
+    return mx.array(_as_real(spec)[:, None]), mx.array(erb_feat[:, None]), mx.array(_as_real(spec_feat)[:, None])
 
 
 def _as_real(x: np.ndarray) -> np.ndarray:

@@ -108,8 +108,7 @@ class Hdf5Dataset:
         self.sr = int(attrs["sr"]) if "sr" in attrs else (cfg.fallback_sr or sr)
         max_freq = int(attrs["max_freq"]) if "max_freq" in attrs else 0
         self.max_freq = max_freq if max_freq > 0 else (cfg.fallback_max_freq or self.sr // 2)
-        self.codec = str(attrs.get("codec", "pcm")).lower()
-        self.dtype = str(attrs.get("dtype", "float32"))
+        self.codec = str(attrs.get("codec", "pcm")).lower()  # PCM's dtype is the dataset's own
         if self.codec not in ("pcm", "flac", "vorbis"):
             raise DatasetError(f"HDF5 dataset {path}: unknown codec {self.codec!r}")
         self.keys = sorted(self.group.keys())
@@ -315,8 +314,9 @@ class SplitDataset:
 
 
 def noisy_features(noisy: np.ndarray, erb_widths: np.ndarray, nb_spec: int, norm_alpha: float):
-    """libdfdata's features of a noisy spectrum [C, T, F]: ERB energies in dB normalised with
-    erb_norm [C, T, E], and the first nb_spec bins normalised with unit_norm [C, T, nb_spec]."""
+    """libdfdata's features of a noisy spectrum [C, T, F] (also df.enhance's): ERB energies in dB
+    normalised with erb_norm [C, T, E], and the first nb_spec bins normalised with unit_norm
+    [C, T, nb_spec]."""
     from df_mlx.libdf import erb, erb_norm, unit_norm
 
     return erb_norm(erb(noisy, erb_widths), norm_alpha), unit_norm(noisy[..., :nb_spec], norm_alpha)

@@ -85,18 +85,16 @@ def make_batch(clean, noise, snrs: Sequence[float], df_state, nb_df: int) -> Bat
     (libdf STFT, erb_norm'd ERB features, unit_norm'd spectral features) with df_mlx.libdf.
     libdfdata also augments (reverb, gains, filters); this keeps only the mixing, so batches
     stay reproducible without the Rust loader."""
-    from df_mlx.libdf import erb, erb_norm, unit_norm
+    from df_mlx.libdfdata import noisy_features
 
     clean, noise = np.asarray(clean, np.float32), np.asarray(noise, np.float32)
     snrs = np.asarray(snrs, np.float32)
     gain = np.sqrt(np.mean(clean**2, -1) / np.maximum(np.mean(noise**2, -1), 1e-10) / 10 ** (snrs / 10))
     noisy = (clean + gain[:, None].astype(np.float32) * noise).astype(np.float32)
     speech_spec, noisy_spec = df_state.analysis(clean), df_state.analysis(noisy)
-    alpha = get_norm_alpha(False)
-    feat_erb = erb_norm(erb(noisy_spec, df_state.erb_widths()), alpha)[:, None]
-    feat_spec = unit_norm(noisy_spec[..., :nb_df], alpha)[:, None]
-    return Batch(mx.array(speech_spec[:, None]), mx.array(noisy_spec[:, None]), mx.array(feat_erb),
-                 mx.array(feat_spec), mx.array(snrs), mx.arange(len(snrs)))
+    feat_erb, feat_spec = noisy_features(noisy_spec, df_state.erb_widths(), nb_df, get_norm_alpha(False))
+    return Batch(mx.array(speech_spec[:, None]), mx.array(noisy_spec[:, None]), mx.array(feat_erb[:, None]),
+                 mx.array(feat_spec[:, None]), mx.array(snrs), mx.arange(len(snrs)))
 
 
 class BatchLoader:

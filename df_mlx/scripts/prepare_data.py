@@ -28,9 +28,9 @@ from typing import Dict, List, Optional
 import numpy as np
 from loguru import logger
 
+from df_mlx.libdfdata import AUDIO_SUFFIXES, I16_MAX
+
 VALID_TYPES = ("speech", "noise", "noisy", "rir")
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
-I16_MAX = 32767
 
 
 class PrepareDataError(ValueError):
