@@ -104,15 +104,12 @@ def main():
         result = _child(args.child[0], Path(args.child[1]), args.threads, args.seconds, args.repeats)
         print(json.dumps(result))
         return
-    from parity.fork_recorder import ForkUnavailable, fork_dir
+    from parity.fork_recorder import ForkUnavailable, fork_env
 
     try:
-        fork = fork_dir()
+        env = fork_env(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     except ForkUnavailable as e:
         raise SystemExit(f"bench_dfnet4 needs the DFNet4 fork: {e} (a checkout of sealad886/DeepFilterNet4)")
-    env = dict(os.environ, DFMLX_FORK_DIR=str(fork), OMP_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads), PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("DF_REFERENCE", None)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.ini").write_text(CONFIG)

@@ -12,8 +12,6 @@ checkpoint with `load_state_dict(strict=True)` and runs the same inputs through 
 """
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from parity.fork_recorder import ENV_VAR, _as_tuple, _load_fork, fork_dir
+from parity.fork_recorder import _as_tuple, _load_fork, fork_dir, run_fork_module
 
 
 def _run(config: Path, inputs: Path, out: Path, checkpoints: Sequence[Path], run_df: bool,
@@ -56,22 +54,14 @@ def run_in_fork(config_text: str, inputs: List[np.ndarray], checkpoints: Sequenc
     GAN discriminator) for `config_text`, run in a subprocess."""
     from safetensors.numpy import load_file, save_file
 
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ)
-    env[ENV_VAR] = str(fork_dir(fork))
-    env.pop("DF_REFERENCE", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "config.ini").write_text(config_text)
         save_file({f"input/{i}": np.ascontiguousarray(x) for i, x in enumerate(inputs)}, str(tmp / "in.safetensors"))
-        cmd = [sys.executable, "-m", "parity.fork_checkpoint", "--config", str(tmp / "config.ini"),
-               "--inputs", str(tmp / "in.safetensors"), "--out", str(tmp / "out.safetensors"),
-               *([] if run_df else ["--no-df"]), *(["--discriminator"] if discriminator else []),
-               *map(str, checkpoints)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(root))
-        if res.returncode != 0:
-            raise RuntimeError(f"running checkpoints in the fork failed:\n{res.stderr[-4000:]}")
+        args = ["--config", str(tmp / "config.ini"), "--inputs", str(tmp / "in.safetensors"),
+                "--out", str(tmp / "out.safetensors"), *([] if run_df else ["--no-df"]),
+                *(["--discriminator"] if discriminator else []), *map(str, checkpoints)]
+        run_fork_module("parity.fork_checkpoint", args, "running checkpoints in the fork", fork, timeout)
         out = load_file(str(tmp / "out.safetensors"))
     return [[out[f"{n}/output/{i}"] for i in range(sum(k.startswith(f"{n}/") for k in out))]
             for n in range(len(checkpoints))]

@@ -17,14 +17,13 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from parity.fork_recorder import BASE_INI, ENV_VAR, FIXTURE_DIR, _git_commit, _load_fork, fork_dir
+from parity.fork_recorder import BASE_INI, ENV_VAR, FIXTURE_DIR, _git_commit, _load_fork, fork_dir, run_fork_module
 
 HARDWARE = "hardware_decisions"
 QUANTIZATION = "quantization_sizes"
@@ -112,14 +111,8 @@ def record(names: Sequence[str], out_dir: Path, fork: Optional[str] = None) -> N
 
 def record_in_subprocess(names: Sequence[str], out_dir: Path, timeout: float = 300) -> None:
     """Record in a fresh interpreter (the fork's `df` must not meet one this process loaded)."""
-    env = dict(os.environ)
-    env.pop("DF_REFERENCE", None)
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    cmd = [sys.executable, "-m", "parity.fork_hardware_recorder", "--out", str(out_dir), *names]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(root))
-    if res.returncode != 0:
-        raise RuntimeError(f"fork recording failed:\n{res.stderr[-3000:]}")
+    run_fork_module("parity.fork_hardware_recorder", ["--out", str(out_dir), *names], "fork recording",
+                    timeout=timeout)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

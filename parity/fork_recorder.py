@@ -41,7 +41,8 @@ from parity.report import Report, Tolerance, compare, compare_traces
 from parity.tracer import Trace
 
 ENV_VAR = "DFMLX_FORK_DIR"
-FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures" / "fork"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_DIR = REPO_ROOT / "parity" / "fixtures" / "fork"
 FORMAT = 1  # bump when the file layout changes
 # A committed fixture must stay small: the repository carries every version of it.
 MAX_FIXTURE_BYTES = 1_000_000
@@ -623,19 +624,41 @@ def record(case: Case, out_dir: Path, fork: Optional[Path] = None) -> Path:
     return st_path
 
 
+def live(test):
+    """Marks a test that records from the fork checkout now: skipped, with the reason, when
+    $DFMLX_FORK_DIR is not set."""
+    import pytest
+
+    return pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")(test)
+
+
+def fork_env(fork: Optional[str] = None, **extra: str) -> Dict[str, str]:
+    """The environment of a fresh interpreter that runs the fork: $DFMLX_FORK_DIR set, no
+    DF_REFERENCE (the fork's `df` must not meet upstream `df`), this repository on PYTHONPATH."""
+    env = dict(os.environ, **extra)
+    env[ENV_VAR] = str(fork_dir(fork))
+    env.pop("DF_REFERENCE", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def run_fork_module(module: str, args: Sequence[str], what: str, fork: Optional[str] = None,
+                    timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` in a fresh interpreter with `fork_env`, from the repository root;
+    a RuntimeError naming `what`, with the output's tail, when it fails."""
+    res = subprocess.run([sys.executable, "-m", module, *args], env=fork_env(fork), capture_output=True, text=True,
+                         timeout=timeout, cwd=str(REPO_ROOT))
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
 def record_in_subprocess(names: Sequence[str], out_dir: Path, fork: Optional[str] = None,
                          timeout: float = 300) -> None:
     """Record `names` into `out_dir` in a fresh interpreter (the fork's `df` must not meet the
     `df` this process may have loaded)."""
-    env = dict(os.environ)
-    env[ENV_VAR] = str(fork_dir(fork))
-    env.pop("DF_REFERENCE", None)
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    cmd = [sys.executable, "-m", "parity.fork_recorder", "--out", str(out_dir), *names]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=str(root))
-    if res.returncode != 0:
-        raise RuntimeError(f"recording {', '.join(names)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    run_fork_module("parity.fork_recorder", ["--out", str(out_dir), *names], f"recording {', '.join(names)}", fork,
+                    timeout)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from df_mlx.cli import main
 from parity.models import FAMILY_TOL, LAYER, VARIANTS, _ini, model_inputs
 from parity.fork_checkpoint import run_in_fork
-from parity.fork_recorder import CASES as FORK_CASES
+from parity.fork_recorder import CASES as FORK_CASES, live
 from parity.fork_recorder import ENV_VAR, load_fixture, record_in_subprocess
 from parity.pairs import randomize_norm_stats
 from parity.reference import import_ref, load_configs
@@ -84,7 +84,6 @@ def test_convert_then_export_round_trip(family, variant, tmp_path):
 
 DFN4_CASES = [n for n, c in FORK_CASES.items() if c.module == "deepfilternet4" and c.group == "layers"]
 DFN4_COMMITTED = [n for n in DFN4_CASES if FORK_CASES[n].committed]
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
 def _fork_round_trip(fixture, tmp_path: Path, tol):

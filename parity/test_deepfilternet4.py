@@ -3,7 +3,6 @@
 gradients, from the committed fixtures (parity/fixtures/fork) and, when $DFMLX_FORK_DIR names
 a checkout, live, including the fork's default 5.1M-parameter model and DfNet4Lite."""
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from mlx.utils import tree_flatten
 
 import df_mlx.deepfilternet4 as dfn4
 from df_mlx.config import config
-from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, assert_fixture_current, fixture_report,
+from parity.fork_recorder import (CASES, FIXTURE_DIR, assert_fixture_current, fixture_report, live,
                                   load_fixture, mlx_twin, record_in_subprocess)
 from parity.report import Tolerance
 
@@ -30,7 +29,6 @@ DEFAULT_LAYER = Tolerance(1e-5, 1e-6, "256-wide layers and 5 Mamba stacks: plus 
 
 FAMILY_CASES = [name for name, case in CASES.items() if case.module == "deepfilternet4" and case.group == "layers"]
 COMMITTED = [name for name in FAMILY_CASES if CASES[name].committed]
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
 twin = mlx_twin

@@ -5,15 +5,13 @@ with respect to the waveform and every parameter (weight_g / weight_v / weight_o
 From the committed fixtures (parity/fixtures/fork, recorded by parity/fork_recorder.py), and
 live against the fork when $DFMLX_FORK_DIR names a checkout."""
 
-import os
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import df_mlx.discriminator as disc
 import df_mlx.loss as loss
-from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, assert_fixture_current, fixture_report,
+from parity.fork_recorder import (CASES, FIXTURE_DIR, assert_fixture_current, fixture_report, live,
                                   load_fixture, mlx_call, mlx_kwargs, record_in_subprocess)
 from parity.report import Tolerance
 
@@ -27,7 +25,6 @@ GRAD = Tolerance(3e-5, 1e-5, "float32 gradient sums over all positions and featu
 
 GAN_CASES = [name for name, case in CASES.items() if case.module.split(".")[0] in ("discriminator", "loss")]
 COMMITTED = [name for name in GAN_CASES if CASES[name].committed]
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
 def twin(fixture):

@@ -2,15 +2,13 @@
 gradients, from the committed fixtures and live when $DFMLX_FORK_DIR names a checkout; the
 filterbank and window df_mlx computes against the fork's buffers; DNSMOSLoss's two modes."""
 
-import os
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from df_mlx import dnsmos_proxy
-from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, assert_fixture_current, fixture_report, load_fixture,
-                                  mlx_twin, record_in_subprocess)
+from parity.fork_recorder import (CASES, FIXTURE_DIR, assert_fixture_current, fixture_report, live,
+                                  load_fixture, mlx_twin, record_in_subprocess)
 from parity.report import Tolerance
 
 # float32 STFT (MLX vs pocketfft), log of mel energies, four convs with BatchNorm: the log-mel
@@ -21,7 +19,6 @@ GRAD = Tolerance(1e-5, 1e-5, "float32 gradient sums through convs, mel and STFT"
 
 PROXY_CASES = [n for n, c in CASES.items() if c.module.startswith("dnsmos_proxy.")]
 COMMITTED = [n for n in PROXY_CASES if CASES[n].committed]
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
 def check(fixture):

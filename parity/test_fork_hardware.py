@@ -11,7 +11,7 @@ import pytest
 
 from df_mlx import hardware as hw
 from parity.fork_hardware_recorder import HARDWARE, record_in_subprocess
-from parity.fork_recorder import ENV_VAR, FIXTURE_DIR
+from parity.fork_recorder import FIXTURE_DIR, live
 
 # The fork's Apple GPU is torch's "mps"; MLX reaches it through Metal. Both GPUs are MLX's "gpu".
 DEVICE_TYPES = {"cuda": "cuda", "mps": "metal", "cpu": "cpu"}
@@ -19,7 +19,6 @@ DEVICES = {"cuda": "gpu", "mps": "gpu", "cpu": "cpu"}
 # Fork settings that only steer torch (see df_mlx/hardware.py): recorded, not ported.
 TORCH_ONLY = {"pin_memory", "use_mps_fallback", "channels_last", "enable_amp", "amp_dtype"}
 
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
 def ours(fork_config: dict) -> dict:

@@ -2,15 +2,13 @@
 outputs and gradients: from the committed fixtures (parity/fixtures/fork, recorded by
 parity/fork_recorder.py), and live against the fork when $DFMLX_FORK_DIR names a checkout."""
 
-import os
-
 import mlx.core as mx
 import numpy as np
 import pytest
 
 import df_mlx.mamba as mamba
 from converters.layout import LayoutError
-from parity.fork_recorder import (CASES, ENV_VAR, FIXTURE_DIR, assert_fixture_current, fixture_report,
+from parity.fork_recorder import (CASES, FIXTURE_DIR, assert_fixture_current, fixture_report, live,
                                   load_fixture, mlx_kwargs, mlx_twin, record_in_subprocess)
 from parity.report import Tolerance
 
@@ -22,7 +20,6 @@ LAYER = Tolerance(1e-5, 0.0, "float32 rounding through linears, conv, LayerNorm 
 GRAD = Tolerance(2e-5, 1e-5, "float32 gradient sums over all positions and scan steps")
 
 MAMBA_CASES = [name for name, case in CASES.items() if case.module.startswith("mamba.") and case.group == "layers"]
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
 twin = mlx_twin

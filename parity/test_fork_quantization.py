@@ -6,7 +6,6 @@ live when $DFMLX_FORK_DIR names a checkout. Quantized sizes are not compared: th
 misses torch's packed int8 weights (see df_mlx/quantization.py)."""
 
 import json
-import os
 from importlib import import_module
 
 import pytest
@@ -14,13 +13,12 @@ import pytest
 from df_mlx.config import config
 from df_mlx.quantization import compare_model_sizes, get_model_size_mb
 from parity.fork_hardware_recorder import QUANTIZATION, record_in_subprocess
-from parity.fork_recorder import ENV_VAR, FIXTURE_DIR
+from parity.fork_recorder import FIXTURE_DIR, live
 
 # Both sides sum element counts times element sizes of the same arrays: only the final division
 # to MiB rounds (float64), so the sizes agree to the last bits.
 SIZE_RTOL = 1e-12
 
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 
 def load(directory=FIXTURE_DIR) -> dict:

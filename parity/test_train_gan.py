@@ -7,7 +7,6 @@ total, df's loss, their sum), every raw gradient of both clip_grad_norm_ calls, 
 weight, BatchNorm statistic and spectral_norm buffer.
 From the committed fixtures, and live against the fork when $DFMLX_FORK_DIR is set."""
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -20,12 +19,11 @@ import df_mlx.train_gan as gan
 from converters.layout import _transforms, load_torch_state_dict, mlx_state_dict
 from df_mlx.config import config
 from parity.fork_gan_step import BATCH_FIELDS, GAN_STEP_OUTPUTS
-from parity.fork_recorder import CASES, ENV_VAR, FIXTURE_DIR, load_fixture, record_in_subprocess
+from parity.fork_recorder import CASES, FIXTURE_DIR, live, load_fixture, record_in_subprocess
 from parity.pairs import before_batchnorm
 from parity.report import Report, Tolerance, compare
 
 GAN_STEP_CASES = [name for name, case in CASES.items() if case.group == "gan_step"]
-live = pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
 
 # Losses: float32 forward of the generator (parity/test_train.py LOSS), then discriminator
 # scores and feature-map means over <= 1e4 terms.

@@ -27,7 +27,7 @@ from mlx_whisper import torch_whisper  # noqa: E402
 from mlx_whisper.audio import N_FFT, HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 
 import df_mlx.whisper_adapter as wa  # noqa: E402
-from parity.fork_recorder import ENV_VAR, ForkUnavailable, fork_dir  # noqa: E402
+from parity.fork_recorder import fork_dir, ForkUnavailable, live  # noqa: E402
 from parity.report import Report, Tolerance, compare  # noqa: E402
 
 # Full multilingual vocabulary (the tokenizer's 51865 ids) with a narrow text state keeps the
@@ -273,7 +273,7 @@ def test_fork_module_api(fork_adapter):
     assert fields == list(wa.WhisperDecodingResult.__dataclass_fields__)
 
 
-@pytest.mark.skipif(not os.environ.get(ENV_VAR), reason=f"${ENV_VAR} (a DeepFilterNet4 checkout) is not set")
+@live
 @torch.no_grad()
 def test_fork_backend(fork_backend, models, audio):
     """Every MLX backend method against the fork's on the same model, with the fork's defaults
