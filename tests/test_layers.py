@@ -9,7 +9,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from df_mlx import modules
-from df_mlx.layers import GRU
+from df_mlx.layers import GRU, conv2d, conv_transpose2d
 
 
 def _params(module):
@@ -140,3 +140,46 @@ def test_grouped_gru_shapes_and_names():
     assert (out.shape, h.shape) == ((3, 5, 32), (8, 3, 8))
     assert "grus.1.layers.3.weight_hh_l0" in _params(gru)
     assert _params(modules.GroupedLinear(16, 32, groups=4))["layers.3.weight"] == (8, 4)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding, dilation, groups",
+    [
+        ((1, 9, 12, 1), (8, 3, 3, 1), (1, 1), (0, 1), (1, 1), 1),  # im2col, one input channel
+        ((2, 9, 12, 2), (8, 3, 3, 1), (1, 1), (0, 1), (1, 1), 2),  # grouped wide output
+        ((1, 9, 12, 8), (8, 1, 3, 1), (1, 2), (0, 1), (1, 1), 8),  # depthwise, frequency stride
+        ((1, 9, 12, 8), (8, 2, 3, 1), (2, 1), (1, 2), (1, 2), 8),  # depthwise, dilated
+        ((1, 11, 12, 8), (4, 5, 1, 4), (1, 1), (0, 0), (1, 1), 2),  # narrow output: shifted sums
+        ((1, 9, 12, 8), (3, 2, 3, 8), (1, 1), (1, 1), (2, 1), 1),  # narrow, dilated
+        ((1, 9, 12, 8), (8, 1, 1, 8), (1, 2), (0, 0), (1, 1), 1),  # pointwise, strided
+        ((1, 9, 12, 16), (16, 1, 3, 2), (1, 1), (0, 1), (1, 1), 8),  # many groups: per group
+        ((1, 9, 12, 4), (4, 5, 5, 4), (1, 1), (2, 2), (1, 1), 1),  # large kernel: mx.conv2d
+    ],
+)
+def test_conv2d_equals_mlx_convolution(x_shape, w_shape, stride, padding, dilation, groups):
+    """The matmul / shifted-sum paths of layers.conv2d compute MLX's own convolution."""
+    mx.random.seed(1)
+    x, w = mx.random.normal(x_shape), mx.random.normal(w_shape)
+    got = conv2d(x, w, stride, padding, dilation, groups)
+    want = mx.conv2d(x, w, stride, padding, dilation, groups)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, padding, dilation, output_padding, groups",
+    [
+        ((1, 6, 8, 4), (4, 1, 3, 1), (1, 2), (0, 1), (1, 1), (0, 1), 4),  # DFN3's convt
+        ((1, 6, 8, 4), (4, 2, 3, 1), (2, 2), (1, 1), (1, 1), (1, 0), 4),  # depthwise, both axes
+        ((1, 6, 8, 4), (4, 1, 3, 1), (1, 3), (0, 2), (1, 2), (0, 0), 4),  # dilated
+        ((1, 6, 8, 4), (4, 1, 3, 1), (1, 2), (0, 3), (1, 1), (0, 1), 4),  # padding past the kernel
+        ((1, 6, 8, 4), (6, 1, 3, 2), (1, 2), (0, 1), (1, 1), (0, 1), 2),  # grouped: MLX's kernel
+    ],
+)
+def test_conv_transpose2d_equals_mlx(x_shape, w_shape, stride, padding, dilation, output_padding, groups):
+    mx.random.seed(2)
+    x, w = mx.random.normal(x_shape), mx.random.normal(w_shape)
+    got = conv_transpose2d(x, w, stride, padding, dilation, output_padding, groups)
+    want = mx.conv_transpose2d(x, w, stride, padding, dilation, output_padding, groups)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-5, atol=1e-5)
