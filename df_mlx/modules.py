@@ -34,7 +34,8 @@ def erb_fb(widths: np.ndarray, sr: int, normalized: bool = True, inverse: bool =
             fb = fb / fb.sum(axis=1, keepdims=True)
     elif normalized:
         fb = fb / fb.sum(axis=0)
-    return mx.array(fb.astype(np.float32))
+    # Row-major like the copy a checkpoint restores: BLAS results depend on operand layout.
+    return mx.array(np.ascontiguousarray(fb, dtype=np.float32))
 
 
 def erb_filterbanks(p, df_state=None):
