@@ -155,7 +155,7 @@ def main():
     results = {}
     for threads in args.threads:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS=str(threads))
+                   OPENBLAS_NUM_THREADS=str(threads), BLIS_NUM_THREADS=str(threads))
         for engine in ENGINES:
             cmd = [sys.executable, __file__, "--child", engine, str(threads), "--repeats", str(args.repeats),
                    "--seconds", *map(str, args.seconds)]

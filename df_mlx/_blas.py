@@ -2,9 +2,13 @@
 
 The Linux `mlx[cpu]` wheel links `cblas_sgemm` & co. from a bundled netlib *reference* BLAS
 (about 6 GFLOP/s, 20x below an optimised one), which makes every matmul and the GRUs slow.
-Loading a system OpenBLAS with RTLD_GLOBAL before `mlx.core` is imported puts its symbols in
+Loading a system BLAS with RTLD_GLOBAL before `mlx.core` is imported puts its symbols in
 the process's global scope, where the dynamic linker finds them first when it resolves
-libmlx's BLAS calls. `DFMLX_BLAS` names another library, or `reference` to keep MLX's own.
+libmlx's BLAS calls. BLIS comes first: its unpacked kernels for skinny products make a GRU
+step's 1x256 @ 256x768 matmul 16 µs where OpenBLAS 0.3.21 (Debian 12) packs the weight on
+every call and takes 55 µs, and DFN3 runs 1.5x faster with it. BLIS runs one thread unless
+BLIS_NUM_THREADS says otherwise. `DFMLX_BLAS` names another library, or `reference` to keep
+MLX's own.
 """
 
 import ctypes
@@ -14,7 +18,7 @@ import sys
 import warnings
 from typing import Optional
 
-CANDIDATES = ("openblas", "blis", "mkl_rt")
+CANDIDATES = ("blis", "openblas", "mkl_rt")
 loaded: Optional[str] = None
 
 
