@@ -116,3 +116,18 @@ def test_live(name, live_dir):
 def test_committed_fixture_is_current(name, live_dir):
     """The committed fixture is what the checkout records (same weights, inputs, outputs)."""
     assert_fixture_current(name, live_dir)
+
+
+def test_scan_exp_is_within_one_ulp_of_torch():
+    """The selective scan's own exp (mamba._exp) against torch.exp over its whole range, and
+    at the ends it clamps; a wrong coefficient or reduction constant costs many ulp."""
+    import torch
+
+    x = np.concatenate([np.linspace(-86.64, 88.72, 1_000_001), -np.logspace(-8, 1.9, 50_001),
+                        np.logspace(-8, 1.9, 50_001), [0.0]]).astype(np.float32)
+    got = np.array(mx.compile(mamba._exp)(mx.array(x))).astype(np.float64)
+    want = torch.exp(torch.from_numpy(x)).numpy()
+    ulp = np.abs(got - want) / np.spacing(want)
+    assert ulp.max() <= 1.0, ulp.max()
+    ends = np.array(mamba._exp(mx.array([-200.0, 200.0])))
+    np.testing.assert_allclose(ends, np.exp(np.float32([-86.64, 88.72283])), rtol=1e-6)
