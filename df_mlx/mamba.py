@@ -96,21 +96,27 @@ _LOG2E = 1.4426950408889634
 _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 _EXP_RANGE = (-86.64, 88.72283)  # 2^(n-1) stays a normal float32; the top is float32's max
+# 1.5 * 2^23: adding it rounds to an integer n held in the low mantissa bits (bits 0x4B400000 + n),
+# which needs no floor: MLX's compiled CPU kernels call floorf per element.
+_ROUND = 12582912.0
+_ROUND_BITS = 0x4B400000
 
 
 def _exp(x: mx.array) -> mx.array:
-    """exp for float32, within 1 ulp of torch's and, compiled into the scan step, 1.6x faster
-    than `mx.exp`, whose Linux CPU kernel is scalar and up to 16 ulp off. Outside
+    """exp for float32, within 1 ulp of torch's; compiled into the scan step it makes the step
+    1.5x faster than `mx.exp`, whose Linux CPU kernel is scalar and up to 16 ulp off. Outside
     [-86.64, 88.72] it returns the value at the nearer end (2.4e-38, 3.4e38) instead of
     smaller numbers or inf; the scan only takes exp of dt A <= 0."""
     x = mx.clip(x, *_EXP_RANGE)
-    n = mx.floor(x * _LOG2E + 0.5)
+    shifted = mx.stop_gradient(x * _LOG2E + _ROUND)  # n is piecewise constant in x
+    n = shifted - _ROUND
     r = x - n * _LN2_HI - n * _LN2_LO
     p = _EXP_POLY[0]
     for coef in _EXP_POLY[1:]:
         p = p * r + coef
-    # 2^(n-1), piecewise constant in x (and `view` has no gradient in MLX)
-    half_two_n = mx.stop_gradient(mx.view(mx.left_shift(n.astype(mx.int32) + 126, 23), mx.float32))
+    # 2^(n-1) from n's bits (`view` has no gradient in MLX, none is needed)
+    n_bits = mx.view(shifted, mx.int32) - _ROUND_BITS
+    half_two_n = mx.view(mx.left_shift(n_bits + 126, 23), mx.float32)
     return (p * r * r + r + 1.0) * half_two_n * 2.0
 
 
