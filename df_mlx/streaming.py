@@ -10,6 +10,7 @@ by `fft_size - hop_size` samples.
 """
 
 import copy
+from contextlib import contextmanager
 from typing import Optional
 
 import mlx.core as mx
@@ -54,8 +55,7 @@ class StreamingEnhancer:
         self.df_past = model.df_order - 1 - model.df_lookahead
         self.lim = 10 ** (-abs(atten_lim_db) / 20) if atten_lim_db else None
         self.layers = list(_streamable_layers(model))
-        for layer in self.layers:
-            layer.stream = StreamState()
+        self.layer_states = [StreamState() for _ in self.layers]
         self.reset()
 
     @property
@@ -65,8 +65,8 @@ class StreamingEnhancer:
 
     def reset(self):
         self.channel_states = None  # one STFT state per channel: libdf's is shared across channels
-        for layer in self.layers:
-            layer.stream.state = None
+        for layer_state in self.layer_states:
+            layer_state.state = None
         self.pending = None  # samples of an incomplete hop
         self.erb_state = self.unit_state = None
         self.features_seen = 0  # feature frames received (the first conv_la are skipped)
@@ -123,12 +123,25 @@ class StreamingEnhancer:
                      np.zeros((c, extra_zero_frames, self.model.nb_df), np.complex64))
         feat_erb, feat_spec = feats
         if feat_erb.shape[1] > 0:
-            m, _, coefs = self.model.estimate(mx.array(feat_erb[..., None]), mx.array(_as_real(feat_spec)),
-                                              feat_erb.shape[1])
+            with self._layer_states():
+                m, _, coefs = self.model.estimate(mx.array(feat_erb[..., None]), mx.array(_as_real(feat_spec)),
+                                                  feat_erb.shape[1])
             self.m = m if self.m is None else mx.concatenate([self.m, m], axis=2)
             if self.model.run_df:
                 self.coefs = coefs if self.coefs is None else mx.concatenate([self.coefs, coefs], axis=2)
         return self._output(final)
+
+    @contextmanager
+    def _layer_states(self):
+        """Hand this stream's states to the layers for one call only: the model stays
+        stateless for offline use and for other streams on the same model."""
+        for layer, layer_state in zip(self.layers, self.layer_states):
+            layer.stream = layer_state
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.stream = None
 
     def _output(self, final: bool) -> np.ndarray:
         """Apply mask and deep filter to every frame whose estimates and lookahead frames exist."""

@@ -85,6 +85,34 @@ def test_attenuation_limit_streams(setup):
     np.testing.assert_allclose(out[:, d : d + audio.shape[1]], offline, atol=ATOL)
 
 
+def test_offline_calls_stay_stateless_after_streaming(setup):
+    """A stream lends its states to the layers only during its own calls: offline enhance on
+    the same model afterwards (twice, mid-stream too) is the plain offline result."""
+    model, df_state, audio, offline, _ = setup
+    s = StreamingEnhancer(model, df_state)
+    s.process(audio[:, :10000])
+    for _ in range(2):
+        np.testing.assert_array_equal(np.array(enhance(model, df_state, audio, pad=True)), offline)
+    s.process(audio[:, 10000:])
+    s.flush()
+    np.testing.assert_array_equal(np.array(enhance(model, df_state, audio, pad=True)), offline)
+
+
+def test_two_streams_on_one_model(setup):
+    """Interleaved streams keep their own states: each equals the offline result of its input."""
+    model, df_state, audio, offline, _ = setup
+    other = audio[::-1].copy()  # the channels swapped
+    a, b = StreamingEnhancer(model, df_state), StreamingEnhancer(model, df_state)
+    outs = {id(a): [], id(b): []}
+    for i in range(0, audio.shape[1], 4096):
+        outs[id(a)].append(a.process(audio[:, i : i + 4096]))
+        outs[id(b)].append(b.process(other[:, i : i + 4096]))
+    d = df_state.fft_size() - df_state.hop_size()
+    for s, want in ((a, offline), (b, offline[::-1])):
+        out = np.concatenate(outs[id(s)] + [s.flush()], axis=1)
+        np.testing.assert_allclose(out[:, d : d + audio.shape[1]], want, atol=ATOL)
+
+
 def test_bad_chunk_shape(setup):
     model, df_state, *_ = setup
     with pytest.raises(ValueError, match="chunks must be"):
