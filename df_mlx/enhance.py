@@ -20,6 +20,7 @@ from df_mlx.libdf import DF
 from df_mlx.libdfdata import noisy_features
 from df_mlx.logger import init_logger
 from df_mlx.model import ModelParams
+from df_mlx.streaming import StreamingEnhancer, why_not_streamable
 from df_mlx.utils import get_device, get_norm_alpha
 
 PRETRAINED_MODELS = ("DeepFilterNet3",)
@@ -135,6 +136,23 @@ def init_df(
     return model, df_state, suffix
 
 
+# Longer inputs run through StreamingEnhancer in blocks of this length, which gives the
+# whole-signal result within float32 rounding (tests/test_streaming.py) in bounded memory;
+# whole, a minute's feature maps are 150 MB each, and MLX's CPU build, which keeps only 32 MB
+# of freed buffers for reuse, takes fresh pages from the OS for every op (25 % slower per frame).
+BLOCK_SECONDS = 10.0
+
+
+def _enhance_in_blocks(model, df_state: DF, audio: np.ndarray, atten_lim_db: Optional[float]) -> np.ndarray:
+    """enhance(pad=True) of audio [C, T] through a StreamingEnhancer, block by block."""
+    stream = StreamingEnhancer(model, df_state, atten_lim_db)
+    block = int(BLOCK_SECONDS * df_state.sr())
+    parts = [stream.process(audio[:, i : i + block]) for i in range(0, audio.shape[1], block)]
+    out = np.concatenate(parts + [stream.flush()], axis=1)
+    delay = df_state.fft_size() - df_state.hop_size()
+    return out[:, delay : delay + audio.shape[1]]
+
+
 def df_features(audio, df: DF, nb_df: int, device=None) -> Tuple[mx.array, mx.array, mx.array]:
     """Audio [C, T] -> spec [C, 1, T', F, 2], ERB features [C, 1, T', E], normalised complex
     features [C, 1, T', nb_df, 2], exactly as df computes them with libdf."""
@@ -150,11 +168,14 @@ def _as_real(x: np.ndarray) -> np.ndarray:
 def enhance(model, df_state: DF, audio, pad=True, atten_lim_db: Optional[float] = None) -> mx.array:
     """Enhance audio [C, T] at the model's rate. With `pad` the output is aligned with the
     input and has its length (the STFT delay fft_size - hop_size is compensated); an
-    attenuation limit (dB) mixes the noisy spectrum back in."""
+    attenuation limit (dB) mixes the noisy spectrum back in. Inputs longer than BLOCK_SECONDS
+    run in blocks (see there) when the model streams."""
     model.eval()
     audio = np.asarray(audio, dtype=np.float32)
     orig_len = audio.shape[-1]
     n_fft, hop = df_state.fft_size(), df_state.hop_size()
+    if pad and audio.ndim == 2 and orig_len > BLOCK_SECONDS * df_state.sr() and why_not_streamable(model) is None:
+        return mx.array(_enhance_in_blocks(model, df_state, audio, atten_lim_db))
     if pad:
         audio = np.pad(audio, ((0, 0), (0, n_fft)))
     nb_df = getattr(model, "nb_df", getattr(model, "df_bins", ModelParams().nb_df))

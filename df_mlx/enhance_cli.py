@@ -17,7 +17,6 @@ import click
 import numpy as np
 import soundfile as sf
 
-BLOCK_SECONDS = 10.0
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3"}
 
 
@@ -59,6 +58,7 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
     """Enhance one file into `out_path` (atomically); returns its duration in seconds."""
     from tqdm import tqdm
 
+    from df_mlx.enhance import BLOCK_SECONDS
     from df_mlx.io import Resampler
     from df_mlx.streaming import StreamingEnhancer
 

@@ -34,17 +34,25 @@ def _streamable_layers(model):
                 raise ValueError(f"{name}: a time padding of {module.padding} cannot stream")
 
 
+def why_not_streamable(model) -> Optional[str]:
+    """Why `model` cannot stream, or None when it can."""
+    if not hasattr(model, "estimate") or not hasattr(model, "apply_stages"):
+        return f"{type(model).__module__} has no streaming support (DeepFilterNet3 has)"
+    if not model.run_erb:
+        return "streaming needs the ERB stage (nb_df + 1 < fft_size // 2 + 1)"
+    if getattr(model, "lsnr_droput", False):
+        return "LSNR_DROPOUT drops frames by their future-dependent SNR and cannot stream"
+    return None
+
+
 class StreamingEnhancer:
     """Enhance a signal given chunk by chunk: `process(chunk [C, n])` returns the enhanced
     samples that are final so far (a multiple of hop_size per call), `flush()` the rest."""
 
     def __init__(self, model, df_state: DF, atten_lim_db: Optional[float] = None):
-        if not hasattr(model, "estimate") or not hasattr(model, "apply_stages"):
-            raise ValueError(f"{type(model).__module__} has no streaming support (DeepFilterNet3 has)")
-        if not model.run_erb:
-            raise ValueError("streaming needs the ERB stage (nb_df + 1 < fft_size // 2 + 1)")
-        if getattr(model, "lsnr_droput", False):
-            raise ValueError("LSNR_DROPOUT drops frames by their future-dependent SNR and cannot stream")
+        reason = why_not_streamable(model)
+        if reason:
+            raise ValueError(reason)
         model.eval()
         self.model = model
         self.df = copy.deepcopy(df_state)  # parameters; each channel streams through its own copy

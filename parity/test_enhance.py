@@ -34,16 +34,21 @@ def test_df_features(real_audio):
     assert report.passed, report.summary()
 
 
-@pytest.mark.parametrize("pad, atten", [(True, None), (False, None), (True, 12.0)])
-def test_enhance(real_audio, pad, atten):
+@pytest.mark.parametrize("pad, atten, block_seconds", [(True, None, None), (False, None, None), (True, 12.0, None),
+                                                       (True, None, 1.0), (True, 12.0, 1.0)])
+def test_enhance(real_audio, pad, atten, block_seconds, monkeypatch):
+    """Whole-signal, and in blocks as df_mlx runs inputs longer than BLOCK_SECONDS."""
     import libdf
+
+    if block_seconds is not None:
+        monkeypatch.setattr(mlx_enhance, "BLOCK_SECONDS", block_seconds)
 
     ref_model, mlx_model, p = twin_models("deepfilternet3", VARIANTS["deepfilternet3"][0])
     ref_state = libdf.DF(p.sr, p.fft_size, p.hop_size, p.nb_erb, p.min_nb_freqs)
     our_state = mlx_enhance.DF(p.sr, p.fft_size, p.hop_size, p.nb_erb, p.min_nb_freqs)
     ref = import_ref("enhance").enhance(ref_model, ref_state, torch.from_numpy(real_audio), pad, atten)
     ours = mlx_enhance.enhance(mlx_model, our_state, real_audio, pad, atten)
-    report = Report(f"enhance pad={pad} atten={atten}", "df.enhance")
+    report = Report(f"enhance pad={pad} atten={atten} blocks={block_seconds}", "df.enhance")
     report.add(compare("audio", ours, ref, AUDIO))
     print(report.table())
     assert report.passed, report.summary()

@@ -113,6 +113,23 @@ def test_two_streams_on_one_model(setup):
         np.testing.assert_allclose(out[:, d : d + audio.shape[1]], want, atol=ATOL)
 
 
+def test_long_inputs_run_in_blocks(setup, monkeypatch):
+    """enhance() of an input longer than BLOCK_SECONDS streams it in blocks with the
+    whole-signal result; models that cannot stream keep the whole-signal path."""
+    import df_mlx.enhance as enhance_module
+
+    model, df_state, audio, offline, _ = setup
+    calls = []
+    run_blocks = enhance_module._enhance_in_blocks
+    monkeypatch.setattr(enhance_module, "_enhance_in_blocks", lambda *a: calls.append(1) or run_blocks(*a))
+    monkeypatch.setattr(enhance_module, "BLOCK_SECONDS", 0.3)
+    np.testing.assert_allclose(np.array(enhance(model, df_state, audio)), offline, atol=ATOL)
+    assert calls
+    monkeypatch.setattr(enhance_module, "why_not_streamable", lambda m: "no")
+    np.testing.assert_array_equal(np.array(enhance(model, df_state, audio)), offline)
+    assert len(calls) == 1
+
+
 def test_bad_chunk_shape(setup):
     model, df_state, *_ = setup
     with pytest.raises(ValueError, match="chunks must be"):
