@@ -145,7 +145,7 @@ BLOCK_SECONDS = 10.0
 
 def _enhance_in_blocks(model, df_state: DF, audio: np.ndarray, atten_lim_db: Optional[float]) -> np.ndarray:
     """enhance(pad=True) of audio [C, T] through a StreamingEnhancer, block by block."""
-    stream = StreamingEnhancer(model, df_state, atten_lim_db)
+    stream = StreamingEnhancer(model, df_state, atten_lim_db, compile_hops=False)
     block = int(BLOCK_SECONDS * df_state.sr())
     parts = [stream.process(audio[:, i : i + block]) for i in range(0, audio.shape[1], block)]
     out = np.concatenate(parts + [stream.flush()], axis=1)

@@ -10,7 +10,6 @@ by `fft_size - hop_size` samples.
 """
 
 import copy
-from contextlib import contextmanager
 from typing import Optional
 
 import mlx.core as mx
@@ -34,6 +33,13 @@ def _streamable_layers(model):
                 raise ValueError(f"{name}: a time padding of {module.padding} cannot stream")
 
 
+# Calls of up to this many frames run the network as one compiled MLX graph: a 10 ms hop is
+# ~600 small ops whose fixed cost dominates, and replaying the compiled graph fuses them and skips
+# building it in Python (about 20 % less time per hop on a 2-core x86 CPU, identical output).
+# Longer calls are dominated by the work itself and would each trace their own graph.
+COMPILED_MAX_FRAMES = 4
+
+
 def why_not_streamable(model) -> Optional[str]:
     """Why `model` cannot stream, or None when it can."""
     if not hasattr(model, "estimate") or not hasattr(model, "apply_stages"):
@@ -47,9 +53,11 @@ def why_not_streamable(model) -> Optional[str]:
 
 class StreamingEnhancer:
     """Enhance a signal given chunk by chunk: `process(chunk [C, n])` returns the enhanced
-    samples that are final so far (a multiple of hop_size per call), `flush()` the rest."""
+    samples that are final so far (a multiple of hop_size per call), `flush()` the rest.
+    `compile_hops` runs calls of up to COMPILED_MAX_FRAMES frames as one compiled graph (for
+    hop-by-hop use; its first call in a process loads or builds MLX's fused kernels)."""
 
-    def __init__(self, model, df_state: DF, atten_lim_db: Optional[float] = None):
+    def __init__(self, model, df_state: DF, atten_lim_db: Optional[float] = None, compile_hops: bool = True):
         reason = why_not_streamable(model)
         if reason:
             raise ValueError(reason)
@@ -64,6 +72,9 @@ class StreamingEnhancer:
         self.lim = 10 ** (-abs(atten_lim_db) / 20) if atten_lim_db else None
         self.layers = list(_streamable_layers(model))
         self.layer_states = [StreamState() for _ in self.layers]
+        # The model's parameters are inputs of the compiled graph, so updated weights count.
+        self._estimate_compiled = mx.compile(self._estimate_with_states, inputs=model.state) if compile_hops \
+            else self._estimate_with_states
         self.reset()
 
     @property
@@ -131,25 +142,34 @@ class StreamingEnhancer:
                      np.zeros((c, extra_zero_frames, self.model.nb_df), np.complex64))
         feat_erb, feat_spec = feats
         if feat_erb.shape[1] > 0:
-            with self._layer_states():
-                m, _, coefs = self.model.estimate(mx.array(feat_erb[..., None]), mx.array(_as_real(feat_spec)),
-                                                  feat_erb.shape[1])
+            inputs = (mx.array(feat_erb[..., None]), mx.array(_as_real(feat_spec)))
+            states = [layer_state.state for layer_state in self.layer_states]
+            # The first call starts from no state; later short ones replay the compiled graph.
+            started = all(state is not None for state in states)
+            run = self._estimate_compiled if started and feat_erb.shape[1] <= COMPILED_MAX_FRAMES \
+                else self._estimate_with_states
+            m, coefs, *states = run(*inputs, *states)
+            for layer_state, state in zip(self.layer_states, states):
+                layer_state.state = state
             self.m = m if self.m is None else mx.concatenate([self.m, m], axis=2)
             if self.model.run_df:
                 self.coefs = coefs if self.coefs is None else mx.concatenate([self.coefs, coefs], axis=2)
         return self._output(final)
 
-    @contextmanager
-    def _layer_states(self):
-        """Hand this stream's states to the layers for one call only: the model stays
-        stateless for offline use and for other streams on the same model."""
-        for layer, layer_state in zip(self.layers, self.layer_states):
-            layer.stream = layer_state
+    def _estimate_with_states(self, feat_erb: mx.array, feat_spec: mx.array, *states):
+        """model.estimate with the layer states passed in and returned (-> m, coefs, *states).
+        The states are lent to the layers for this call only: the model stays stateless for
+        offline use and for other streams on the same model."""
+        holders = [StreamState() for _ in self.layers]
+        for layer, holder, state in zip(self.layers, holders, states):
+            holder.state = state
+            layer.stream = holder
         try:
-            yield
+            m, _, coefs = self.model.estimate(feat_erb, feat_spec, feat_erb.shape[1])
         finally:
             for layer in self.layers:
                 layer.stream = None
+        return (m, coefs, *[holder.state for holder in holders])
 
     def _output(self, final: bool) -> np.ndarray:
         """Apply mask and deep filter to every frame whose estimates and lookahead frames exist."""
