@@ -425,6 +425,48 @@ class DiscriminatorLoss(nn.Module):
         return self.factor * d_loss, d_real_loss
 
 
+class SpeakerContrastiveLoss(nn.Module):
+    """DFNet4 fork: factor * (negative_weight * mean cos(enh, noisy) - mean cos(enh, clean))
+    over speaker embeddings ([B, T] audio, resemblyzer's VoiceEncoder, df_mlx.speaker_encoder).
+    As in the fork, every embedding is computed from a detached copy of the audio, so the loss
+    passes no gradient to the model. Without resemblyzer's weights it warns once and is zero,
+    as the fork's is without resemblyzer."""
+
+    def __init__(self, factor: float = 0.1, negative_weight: float = 0.1):
+        super().__init__()
+        self.factor = factor
+        self.negative_weight = negative_weight
+        self._encoder = None
+        self._encoder_loaded = False
+
+    def _embeddings(self, audio: mx.array) -> mx.array:
+        batch = np.array(audio, dtype=np.float32)
+        return mx.array(np.stack([self._encoder.embed_utterance(wav) for wav in batch]))
+
+    def __call__(self, enhanced: mx.array, clean: mx.array, noisy: Optional[mx.array] = None) -> mx.array:
+        if not self._encoder_loaded:
+            from df_mlx.speaker_encoder import SpeakerEncoderError, VoiceEncoder
+
+            self._encoder_loaded = True
+            try:
+                self._encoder = VoiceEncoder()
+            except SpeakerEncoderError as e:
+                warnings.warn(f"{e}. SpeakerContrastiveLoss will be disabled.")
+        if self._encoder is None:
+            return mx.zeros(())
+        enhanced_emb = self._embeddings(enhanced)
+        loss = -_cosine_similarity(enhanced_emb, self._embeddings(clean)).mean()
+        if noisy is not None and self.negative_weight > 0:
+            loss = loss + self.negative_weight * _cosine_similarity(enhanced_emb, self._embeddings(noisy)).mean()
+        return self.factor * loss
+
+
+def _cosine_similarity(a: mx.array, b: mx.array, eps: float = 1e-8) -> mx.array:
+    """torch's F.cosine_similarity over the last axis."""
+    norms = mx.maximum(mx.linalg.norm(a, axis=-1) * mx.linalg.norm(b, axis=-1), eps)
+    return (a * b).sum(-1) / norms
+
+
 class Loss(nn.Module):
     """The config-driven sum of df's losses (sections MaskLoss, SpectralLoss,
     MultiResSpecLoss, SdrLoss, LocalSnrLoss, ASRLoss with df's keys and defaults).

@@ -27,7 +27,8 @@ Different on purpose, where the fork's code cannot run or loses state:
 - logging: the mean G and D GAN losses of an epoch are logged once after it, not per LOG_FREQ.
 - the generator runs forward twice per GAN step (its running statistics restored after the
   first): MLX has no retained graph to backpropagate after the discriminator's update.
-[SpeakerLoss] (resemblyzer's VoiceEncoder) is not ported: a positive factor is an error.
+- [SpeakerLoss] adds the fork's SpeakerContrastiveLoss to the generator's loss without the
+  noisy audio (the fork's run_epoch passes none); it has no gradient, as in the fork.
 """
 
 import os
@@ -47,7 +48,7 @@ from df_mlx.checkpoint import EXTENSION, read_cp, write_cp
 from df_mlx.config import Csv, config
 from df_mlx.discriminator import CombinedDiscriminator, MultiPeriodDiscriminator, MultiScaleDiscriminator
 from df_mlx.logger import log_metrics
-from df_mlx.loss import DiscriminatorLoss, FeatureMatchingLoss, GeneratorLoss, Istft, Loss
+from df_mlx.loss import DiscriminatorLoss, FeatureMatchingLoss, GeneratorLoss, Istft, Loss, SpeakerContrastiveLoss
 from df_mlx.lr import cosine_scheduler
 from df_mlx.utils import as_real
 
@@ -129,8 +130,11 @@ class GanLoss:
         gan_f = config("factor", 0, float, section="GANLoss")
         gan_type = config("type", "lsgan", str, section="GANLoss")
         fm_f = config("factor", 0, float, section="FeatureMatchingLoss")
-        if config("factor", 0, float, section="SpeakerLoss") > 0:
-            raise GanSetupError("[SpeakerLoss] factor > 0 needs resemblyzer's VoiceEncoder, which df_mlx does not port")
+        speaker_f = config("factor", 0, float, section="SpeakerLoss")
+        self.speaker_loss = None
+        if speaker_f > 0:
+            negative_weight = config("negative_weight", 0.1, float, section="SpeakerLoss")
+            self.speaker_loss = SpeakerContrastiveLoss(factor=speaker_f, negative_weight=negative_weight)
         if gan_f <= 0:
             raise GanSetupError("GAN_ENABLED needs [GANLoss] factor > 0 (the discriminator loss is zero without it)")
         self.gen_loss = GeneratorLoss(loss_type=gan_type, factor=gan_f)
@@ -143,12 +147,15 @@ class GanLoss:
         return self.disc_loss(real_scores, fake_scores)[0]
 
     def generator(self, disc, real_wav: mx.array, fake_wav: mx.array) -> Dict[str, mx.array]:
-        """{"gen_adv", "fm" (with a feature-matching factor), "total"}."""
+        """{"gen_adv", "fm" (with a feature-matching factor), "speaker" (with a speaker-loss
+        factor), "total"}."""
         _, real_fmaps = run_discriminator(disc, real_wav)
         fake_scores, fake_fmaps = run_discriminator(disc, fake_wav)
         out = {"gen_adv": self.gen_loss(fake_scores)}
         if self.fm_loss is not None:
             out["fm"] = self.fm_loss(real_fmaps, fake_fmaps)
+        if self.speaker_loss is not None:
+            out["speaker"] = self.speaker_loss(fake_wav, real_wav)
         out["total"] = sum(out.values())
         return out
 
