@@ -1,7 +1,9 @@
 """df_mlx.speaker_encoder against resemblyzer's torch VoiceEncoder (the speaker model of the
 DFNet4 fork's SpeakerContrastiveLoss), and df_mlx.loss.SpeakerContrastiveLoss against the fork's
-formula on the reference embeddings. resemblyzer's package `__init__` imports webrtcvad, which
-only its silence trimming uses; a stand-in module is registered so it imports without it."""
+formula on the reference embeddings and against the fork's class itself (the committed fixture
+of parity/fork_speaker_loss.py, live with $DFMLX_FORK_DIR). resemblyzer's package `__init__`
+imports webrtcvad, which only its silence trimming uses; a stand-in module is registered so it
+imports without it."""
 
 import importlib.util
 import sys
@@ -12,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from parity import fork_speaker_loss
 from parity.dsp import signals_for
+from parity.fork_recorder import live
 from parity.report import Report, Tolerance, compare
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("resemblyzer") is None,
@@ -21,6 +25,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("resemblyzer") is None,
 # float32 through a 3-layer LSTM(256) over 160 steps and a linear layer; unit-norm outputs.
 EMBEDDING = Tolerance(1e-5, 0.0, "float32 LSTM(256) x 3 over 160 steps, unit-norm embeddings")
 MEL = Tolerance(0.0, 0.0, "the same librosa computation")
+LOSS = Tolerance(1e-6, 0.0, "cosines of unit-norm float32 embeddings")
 
 
 def _reference():
@@ -86,11 +91,37 @@ def test_speaker_contrastive_loss(encoders, speech, with_noisy):
         want = want + 0.25 * cos(emb(enhanced), emb(noisy), dim=-1).mean()
     want = 0.1 * want
     report = Report("loss.SpeakerContrastiveLoss", "DFNet4 fork formula, resemblyzer embeddings")
-    report.add(compare("loss", got, want.numpy(), Tolerance(1e-6, 0.0, "cosines of unit-norm float32 embeddings")))
+    report.add(compare("loss", got, want.numpy(), LOSS))
     print(report.table())
     assert report.passed, report.summary()
     grad = mx.grad(lambda e: loss(e, *args[1:]))(args[0])
     assert float(mx.abs(grad).max()) == 0.0
+
+
+def _check_fork_values(recorded: dict):
+    from df_mlx.loss import SpeakerContrastiveLoss
+
+    x = {k: mx.array(v) for k, v in fork_speaker_loss.speaker_loss_inputs().items()}
+    loss = SpeakerContrastiveLoss(recorded["factor"], recorded["negative_weight"])
+    report = Report("loss.SpeakerContrastiveLoss", f"DFNet4 fork {recorded['fork']['commit'][:12]}")
+    for case, noisy in fork_speaker_loss.CASES.items():
+        got = loss(x["enhanced"], x["clean"], x["noisy"] if noisy else None)
+        report.add(compare(case, got, np.float32(recorded["loss"][case]), LOSS))
+    print(report.table())
+    assert report.passed, report.summary()
+
+
+def test_fork_fixture():
+    _check_fork_values(fork_speaker_loss.load())
+
+
+@live
+def test_fork_live(tmp_path):
+    recorded = fork_speaker_loss.record_in_subprocess(tmp_path)
+    _check_fork_values(recorded)
+    committed = fork_speaker_loss.load()
+    if recorded["fork"]["commit"] == committed["fork"]["commit"]:
+        assert recorded["loss"] == committed["loss"]
 
 
 def test_bad_weights_file(tmp_path):
