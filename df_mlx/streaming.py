@@ -71,7 +71,6 @@ class StreamingEnhancer:
         self.df_past = model.df_order - 1 - model.df_lookahead
         self.lim = 10 ** (-abs(atten_lim_db) / 20) if atten_lim_db else None
         self.layers = list(_streamable_layers(model))
-        self.layer_states = [StreamState() for _ in self.layers]
         # The model's parameters are inputs of the compiled graph, so updated weights count.
         self._estimate_compiled = mx.compile(self._estimate_with_states, inputs=model.state) if compile_hops \
             else self._estimate_with_states
@@ -84,8 +83,7 @@ class StreamingEnhancer:
 
     def reset(self):
         self.channel_states = None  # one STFT state per channel: libdf's is shared across channels
-        for layer_state in self.layer_states:
-            layer_state.state = None
+        self.layer_states = [None] * len(self.layers)  # each layer's state after the last call
         self.pending = None  # samples of an incomplete hop
         self.erb_state = self.unit_state = None
         self.features_seen = 0  # feature frames received (the first conv_la are skipped)
@@ -143,14 +141,11 @@ class StreamingEnhancer:
         feat_erb, feat_spec = feats
         if feat_erb.shape[1] > 0:
             inputs = (mx.array(feat_erb[..., None]), mx.array(_as_real(feat_spec)))
-            states = [layer_state.state for layer_state in self.layer_states]
             # The first call starts from no state; later short ones replay the compiled graph.
-            started = all(state is not None for state in states)
+            started = all(state is not None for state in self.layer_states)
             run = self._estimate_compiled if started and feat_erb.shape[1] <= COMPILED_MAX_FRAMES \
                 else self._estimate_with_states
-            m, coefs, *states = run(*inputs, *states)
-            for layer_state, state in zip(self.layer_states, states):
-                layer_state.state = state
+            m, coefs, *self.layer_states = run(*inputs, *self.layer_states)
             self.m = m if self.m is None else mx.concatenate([self.m, m], axis=2)
             if self.model.run_df:
                 self.coefs = coefs if self.coefs is None else mx.concatenate([self.coefs, coefs], axis=2)
