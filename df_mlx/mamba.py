@@ -18,6 +18,7 @@ from typing import Callable, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from df_mlx.layers import conv2d
 from df_mlx.modules import GroupedLinearEinsum, Identity, Sequential
 
 # torch's F.softplus switches to the identity above this input (beta = 1).
@@ -49,8 +50,8 @@ def _init_dt_bias(d_inner: int, dt_min: float = 0.001, dt_max: float = 0.1) -> m
 class Conv1d(nn.Module):
     """`torch.nn.Conv1d` (zero padding) on torch's layout: input [B, C, L] (or unbatched
     [C, L]), weight [O, I/groups, K] stored as torch stores it, so no layout conversion is
-    needed. Depthwise convolutions are computed as shifted multiply-adds (MLX's CPU grouped
-    convolutions are slow); others go to `mx.conv1d`."""
+    needed. Computed by `layers.conv2d` as a convolution of width 1 (MLX's CPU grouped
+    convolutions are slow)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, groups: int = 1, bias: bool = True):
@@ -71,19 +72,11 @@ class Conv1d(nn.Module):
         unbatched = x.ndim == 2
         x = (x[None] if unbatched else x).swapaxes(1, 2)  # [B, L, C]
         k, s, d, p = self.kernel_size, self.stride, self.dilation, self.padding
-        if p:
-            x = mx.pad(x, [(0, 0), (p, p), (0, 0)])
-        n_out = (x.shape[1] - d * (k - 1) - 1) // s + 1
-        if n_out < 1:
-            raise ValueError(f"Conv1d input of length {x.shape[1] - 2 * p} is shorter than the kernel")
-        if self.groups == self.in_channels == self.out_channels:
-            w = self.weight[:, 0]  # [C, K]
-            y = None
-            for i in range(k):
-                term = x[:, i * d : i * d + (n_out - 1) * s + 1 : s] * w[:, i]
-                y = term if y is None else y + term
-        else:
-            y = mx.conv1d(x, self.weight.swapaxes(1, 2), stride=s, dilation=d, groups=self.groups)
+        if (x.shape[1] + 2 * p - d * (k - 1) - 1) // s + 1 < 1:
+            raise ValueError(f"Conv1d input of length {x.shape[1]} is shorter than the kernel")
+        # [B, L, C] -> [B, L, 1, C]; weight [O, I, K] -> [O, K, 1, I]
+        y = conv2d(x[:, :, None, :], self.weight.swapaxes(1, 2)[:, :, None, :], (s, 1), (p, 0), (d, 1),
+                   self.groups)[:, :, 0, :]
         if "bias" in self:
             y = y + self.bias
         y = y.swapaxes(1, 2)
