@@ -8,6 +8,13 @@ from converters.layout import LayoutError
 from converters.torch_ckpt import CheckpointError
 
 
+def _fail(e: Exception):
+    """A failure as click's one-line `Error: ...`; an OSError names its file."""
+    if isinstance(e, OSError) and e.filename is not None:
+        raise click.ClickException(f"{e.filename}: {e.strerror or e}")
+    raise click.ClickException((str(e).strip().splitlines() or [type(e).__name__])[0])
+
+
 def _epoch(value: str):
     return int(value) if value.isdigit() else value
 
@@ -23,11 +30,12 @@ def convert_cmd(src, output, epoch, config_path, overwrite):
     """Convert an upstream DeepFilterNet model (directory, release zip, .ckpt, or the DFN3 ONNX
     release .tar.gz), or a DFNet4 fork model (deepfilternet4: DfNet4, DfNet4Lite), to df-mlx."""
     from converters.convert import convert
+    from df_mlx.checkpoint import ModelDirError
 
     try:
         r = convert(src, output, _epoch(epoch), config_path, overwrite)
-    except (CheckpointError, LayoutError, FileNotFoundError) as e:
-        raise click.ClickException(str(e))
+    except (CheckpointError, LayoutError, ModelDirError, OSError) as e:
+        _fail(e)
     rows = [("family", r.family), ("source", r.source), ("tensors converted", str(r.tensors)),
             ("parameters", f"{r.parameters:,}"), ("output", str(r.out_dir))]
     if r.ignored:
@@ -53,7 +61,7 @@ def export_cmd(model_dir, output, overwrite, epoch):
 
     try:
         paths = export(model_dir, output, overwrite, _epoch(epoch))
-    except (CheckpointError, ModelDirError) as e:
-        raise click.ClickException(str(e))
+    except (CheckpointError, ModelDirError, OSError) as e:
+        _fail(e)
     for path in paths:
         click.echo(f"wrote {path}")

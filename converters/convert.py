@@ -16,6 +16,7 @@ import hashlib
 import os
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -35,6 +36,10 @@ REFERENCE_VERSIONS = {"deepfilternet4": "sealad886/DeepFilterNet4 893ec67cb57812
 # its defaults, then the fork's DfNet4Lite (a switch of the deepfilternet4 family, not a family).
 DETECT_CONFIGS = [(f, f"[train]\nmodel = {f}\n") for f in FAMILIES] + [
     ("deepfilternet4", "[train]\nmodel = deepfilternet4\n[deepfilternet4]\nmodel_variant = lite\n")]
+# Bounds on a release zip, checked on its directory before anything is extracted (a zip bomb
+# of a few MB can unpack to GBs): upstream's model zips hold a handful of files and tens of MB.
+MAX_ZIP_MEMBERS = 1000
+MAX_ZIP_BYTES = 1 << 30
 # Keys upstream's own `read_cp` ignores when loading (GRU initial states of old releases).
 IGNORED_SUFFIXES = (".h0",)
 IGNORED_PARTS = ("erb_comp",)
@@ -66,8 +71,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pick_checkpoint(cp_dir: Path, epoch: Union[str, int]) -> Path:
-    """Upstream `read_cp`'s choice: the best (or latest, or a given epoch) `model_*.ckpt`."""
+def _pick_checkpoint(cp_dir: Path, epoch: Union[str, int], label: str) -> Path:
+    """Upstream `read_cp`'s choice: the best (or latest, or a given epoch) `model_*.ckpt`;
+    `label` names `cp_dir` in errors as the user knows it."""
     from df_mlx.checkpoint import get_epoch
 
     cps: List[str] = []
@@ -76,38 +82,75 @@ def _pick_checkpoint(cp_dir: Path, epoch: Union[str, int]) -> Path:
     if not cps:
         cps = glob.glob(str(cp_dir / "model*.ckpt")) + glob.glob(str(cp_dir / "model*.ckpt.best"))
     if not cps:
-        raise CheckpointError(f"no checkpoints/model_*.ckpt in {cp_dir.parent}")
+        raise CheckpointError(f"no model_*.ckpt in {label}")
     if isinstance(epoch, int):
         match = [c for c in cps if get_epoch(c) == epoch]
         if not match:
-            raise CheckpointError(f"no checkpoint of epoch {epoch} in {cp_dir}")
+            raise CheckpointError(f"no checkpoint of epoch {epoch} in {label}")
         return Path(match[0])
     return Path(max(cps, key=get_epoch))
 
 
-def _model_dir_source(root: Path, epoch) -> Source:
+def _read_config(path: Path, label: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{label}: not UTF-8 text") from None
+
+
+def _model_dir_source(root: Path, epoch, label: str) -> Source:
     cp_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    cp = _pick_checkpoint(cp_dir, epoch)
-    return Source(cp, (root / "config.ini").read_text(), f"{root.name}/{cp.relative_to(root)}")
+    cp = _pick_checkpoint(cp_dir, epoch, f"{label}/{cp_dir.relative_to(root)}".rstrip("/."))
+    return Source(cp, _read_config(root / "config.ini", f"{label}/config.ini"), f"{root.name}/{cp.relative_to(root)}")
+
+
+def _extract_model_zip(src: Path, tmp: Path) -> Path:
+    """The one model directory (with config.ini) of a release zip, extracted into `tmp`
+    after its directory passed the bounds: only that directory's members, names sanitised."""
+    try:
+        with zipfile.ZipFile(src) as z:
+            members = z.infolist()
+            if len(members) > MAX_ZIP_MEMBERS:
+                raise CheckpointError(f"{src.name}: {len(members)} members, more than a model zip holds "
+                                      f"(at most {MAX_ZIP_MEMBERS})")
+            roots = [os.path.dirname(m.filename) for m in members
+                     if not m.is_dir() and os.path.basename(m.filename) == "config.ini"]
+            if len(roots) != 1:
+                raise CheckpointError(f"{src.name} must hold exactly one model directory with config.ini, "
+                                      f"found {len(roots)}")
+            prefix = f"{roots[0]}/" if roots[0] else ""
+            wanted = [m for m in members if m.filename.startswith(prefix) and not m.is_dir()]
+            size = sum(m.file_size for m in wanted)
+            if size > MAX_ZIP_BYTES:
+                raise CheckpointError(f"{src.name}: its model directory unpacks to {size / 2**30:.1f} GiB, "
+                                      f"more than a model holds (at most {MAX_ZIP_BYTES / 2**30:.0f} GiB)")
+            for m in wanted:
+                z.extract(m, tmp)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, zlib.error) as e:
+        raise CheckpointError(f"{src.name} is not a readable zip archive: {e}") from None
+    return Path(glob.glob(str(tmp / "**" / "config.ini"), recursive=True)[0]).parent  # as sanitised
 
 
 def find_source(src: Path, epoch, config_path: Optional[Path], tmp: Path) -> Source:
+    from df_mlx.checkpoint import is_df_mlx_model_dir, is_df_mlx_weights
+
     src = Path(src)
     if not src.exists():
         raise CheckpointError(f"source not found: {src}")
-    override = Path(config_path).read_text() if config_path else None
+    if is_df_mlx_model_dir(src) or (src.is_file() and is_df_mlx_weights(src)):
+        raise CheckpointError(f"{src} is already a df-mlx model: use its folder as it is (-m)")
+    if src.suffix == ".safetensors":
+        raise CheckpointError(f"{src}: a safetensors file; convert reads PyTorch checkpoints (.ckpt, .pt), "
+                              "model folders and release zips")
+    override = _read_config(Path(config_path), str(config_path)) if config_path else None
     if src.is_dir():
         if not (src / "config.ini").is_file() and override is None:
             raise CheckpointError(f"{src} has no config.ini (pass --config)")
-        found = _model_dir_source(src, epoch) if (src / "config.ini").is_file() else Source(
-            _pick_checkpoint(src, epoch), None, src.name)
+        found = _model_dir_source(src, epoch, str(src)) if (src / "config.ini").is_file() else Source(
+            _pick_checkpoint(src, epoch, str(src)), None, src.name)
     elif zipfile.is_zipfile(src) and src.suffix == ".zip":
-        with zipfile.ZipFile(src) as z:
-            z.extractall(tmp)
-        roots = [Path(p).parent for p in glob.glob(str(tmp / "**" / "config.ini"), recursive=True)]
-        if len(roots) != 1:
-            raise CheckpointError(f"{src.name} must hold exactly one model directory with config.ini, found {len(roots)}")
-        found = _model_dir_source(roots[0], epoch)
+        root = _extract_model_zip(src, tmp)
+        found = _model_dir_source(root, epoch, f"{src.name}:{root.relative_to(tmp)}".rstrip(":."))
         found.description = f"{src.name}:{found.description}"
     else:
         found = Source(src, None, src.name)
@@ -164,12 +207,11 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
     """Convert `src` into a converted-model directory (default: `<src name>_mlx` beside it)."""
     import mlx.core as mx
 
-    from df_mlx.checkpoint import write_model_dir
+    from df_mlx.checkpoint import check_model_dir_target, write_model_dir
 
     src = Path(src)
-    out_dir = Path(out_dir) if out_dir else src.parent / f"{src.name.split('.')[0]}_mlx"
-    if out_dir.exists() and not overwrite:
-        raise CheckpointError(f"output directory already exists: {out_dir} (use --overwrite)")
+    out_dir = Path(out_dir) if out_dir else src.parent / f"{Path(os.path.abspath(src)).name.split('.')[0]}_mlx"
+    check_model_dir_target(out_dir, overwrite, protect=[src, config_path])
     if src.name.endswith((".tar.gz", ".tgz")):  # the official DeepFilterNet3 ONNX release
         from converters.onnx_dfn3 import convert_onnx_release
 
@@ -229,8 +271,7 @@ def export(model_dir, out_path, overwrite: bool = False, epoch: Union[str, int] 
     out_path = Path(out_path)
     has_disc = (Path(model_dir) / DISC_FILE).is_file()
     for path in [out_path] + ([disc_export_path(out_path)] if has_disc else []):
-        if path.exists() and not overwrite:
-            raise CheckpointError(f"output file already exists: {path} (use --overwrite)")
+        _check_export_target(path, overwrite, model_dir)
     if is_training_dir(str(model_dir)):
         model = load_training_dir(str(model_dir), epoch)
     else:
@@ -243,13 +284,35 @@ def export(model_dir, out_path, overwrite: bool = False, epoch: Union[str, int] 
     return list(states)
 
 
-def _write_atomically(state: Dict[str, np.ndarray], out_path: Path):
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    os.close(fd)
+def _is_torch_checkpoint(path: Path) -> bool:
+    """Whether `path` is a zip-format `torch.save` file: the only kind `export` replaces."""
     try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def _check_export_target(path: Path, overwrite: bool, model_dir):
+    """Refuse, before any work, an export target that may not be replaced."""
+    from df_mlx.atomic import is_inside
+
+    if not os.path.lexists(path):
+        return
+    if not overwrite:
+        raise CheckpointError(f"output file already exists: {path} (use --overwrite)")
+    if path.is_dir():
+        raise CheckpointError(f"refusing to replace {path}: it is a directory (give a .ckpt file name)")
+    if is_inside(path, model_dir):
+        raise CheckpointError(f"refusing to replace {path}: it is part of the model being exported")
+    if not path.is_file() or path.is_symlink() or not _is_torch_checkpoint(path):
+        raise CheckpointError(f"refusing to replace {path}: not a PyTorch checkpoint "
+                              "(only files of the kind export writes are replaced)")
+
+
+def _write_atomically(state: Dict[str, np.ndarray], out_path: Path):
+    from df_mlx.atomic import atomic_file
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out_path) as tmp:
         write_state_dict(state, Path(tmp))
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -54,7 +54,11 @@ def torch_to_mlx(model, state_dict: Dict[str, np.ndarray]) -> List[Tuple[str, mx
     _check_names(own, state_dict, "state dict does not match the model")
     pairs = []
     for name, value in state_dict.items():
-        array = mx.array(np.asarray(value))
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) != mx.issubdtype(own[name].dtype, mx.floating):
+            raise LayoutError(f"{name}: a {value.dtype} tensor where the model has {own[name].dtype} "
+                              "(weights are never cast between integers and floats)")
+        array = mx.array(value)
         if name in transforms:
             module, _, from_torch = transforms[name]
             array = from_torch(array, module)

@@ -13,8 +13,6 @@ default extension is "safetensors" instead of df's "ckpt".
 import glob
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -40,16 +38,58 @@ def is_model_dir(path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file()
 
 
+def is_df_mlx_weights(path) -> bool:
+    """Whether `path` is a safetensors file df-mlx wrote (its format metadata says so)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def is_df_mlx_model_dir(path) -> bool:
+    """Whether `path` is a folder `write_model_dir` wrote and nothing else: config.ini and
+    safetensors files that carry df-mlx's format metadata, model.safetensors among them."""
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink() or not is_model_dir(path):
+        return False
+    return all(p.is_file() and not p.is_symlink() and (p.name == CONFIG_FILE or (
+        p.suffix == ".safetensors" and is_df_mlx_weights(p))) for p in path.iterdir())
+
+
+def check_model_dir_target(out_dir, overwrite: bool, protect=()):
+    """Refuse, before any work, an output folder that may not be replaced: an existing one
+    without `overwrite`, one holding the current directory or a `protect`ed path (the source),
+    and anything but a df-mlx model folder."""
+    from df_mlx.atomic import is_inside
+
+    out_dir = Path(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if not overwrite:
+        raise ModelDirError(f"output directory already exists: {out_dir} (use --overwrite)")
+    if is_inside(os.getcwd(), out_dir):
+        raise ModelDirError(f"refusing to replace {out_dir}: it holds the current directory")
+    for path in protect:
+        if path is not None and is_inside(path, out_dir):
+            raise ModelDirError(f"refusing to replace {out_dir}: it holds the source {path}")
+    if not is_df_mlx_model_dir(out_dir):
+        what = "a file" if not out_dir.is_dir() else "a folder df-mlx did not write"
+        raise ModelDirError(f"refusing to replace {out_dir}: it is {what}, not a df-mlx model folder")
+
+
 def write_model_dir(model, out_dir, metadata: Dict[str, str], overwrite: bool = False,
                     extra: Optional[Dict[str, Dict[str, mx.array]]] = None) -> Path:
     """Write the global config and the model's weights to `out_dir`, atomically; `extra` adds
-    safetensors files (name -> weights) with the same metadata, e.g. a discriminator."""
+    safetensors files (name -> weights) with the same metadata, e.g. a discriminator. Only a
+    df-mlx model folder is ever replaced (`check_model_dir_target`)."""
+    from df_mlx.atomic import atomic_dir
+
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ModelDirError(f"output directory already exists: {out_dir}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    check_model_dir_target(out_dir, overwrite)
+    with atomic_dir(out_dir) as tmp:
         with open(tmp / CONFIG_FILE, "w") as f:  # config.save skips unmodified configs
             config.parser.write(f)
         meta = {"format": FORMAT, "df_mlx_version": str(version), **{k: str(v) for k, v in metadata.items()}}
@@ -57,12 +97,6 @@ def write_model_dir(model, out_dir, metadata: Dict[str, str], overwrite: bool = 
         mx.save_safetensors(str(tmp / MODEL_FILE), weights, metadata=meta)
         for name, extra_weights in (extra or {}).items():
             mx.save_safetensors(str(tmp / name), extra_weights, metadata=meta)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -208,15 +242,10 @@ def write_cp(obj, name: str, dirname: str, epoch: int, extension: str = EXTENSIO
 
 
 def _save_atomic(arrays: Dict[str, mx.array], path: str):
-    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".safetensors", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    from df_mlx.atomic import atomic_file
+
+    with atomic_file(path, suffix=".safetensors") as tmp:  # mlx appends .safetensors to other names
         mx.save_safetensors(tmp, arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def cleanup(name: str, dirname: str, extension: str, nkeep=5):

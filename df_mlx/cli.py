@@ -9,6 +9,9 @@ from df_mlx.version import version
 @click.version_option(version or "unknown", prog_name="dfmlx")
 def main():
     """DeepFilterNet in MLX: convert, enhance and check against the PyTorch reference."""
+    from df_mlx.atomic import stop_on_signals
+
+    click.get_current_context().with_resource(stop_on_signals())  # TERM/HUP clean up as INT does
 
 
 def _register():
