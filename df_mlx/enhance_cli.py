@@ -8,8 +8,9 @@ temporary file that is renamed into place only when the whole file succeeded.
 import glob
 import math
 import os
-import tempfile
+import shutil
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
@@ -18,10 +19,17 @@ import numpy as np
 import soundfile as sf
 
 AUDIO_EXTENSIONS = {".wav", ".flac", ".ogg", ".aiff", ".aif", ".mp3"}
+# Bounds on an input, checked on its header before anything is allocated or written: the rates
+# audio hardware records, more channels than any speech recording has, and a day of audio.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 4000, 384000
+MAX_CHANNELS = 32
+MAX_SECONDS = 24 * 3600
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 
 
 class InputError(ValueError):
-    """An input file that cannot be enhanced; one line for the user."""
+    """An input file that cannot be enhanced; one line for the user, naming the reason only
+    (the report puts the file in front)."""
 
 
 @dataclass
@@ -33,58 +41,165 @@ class FileResult:
     error: Optional[str] = None
 
 
+@dataclass
+class Job:
+    """One input and where its result goes, or why it is not enhanced (decided up front)."""
+
+    source: str
+    output: str
+    error: Optional[str] = None
+
+
 def expand_inputs(inputs: Iterable[str]) -> List[str]:
-    """Files as given, glob patterns expanded, folders scanned for audio files (sorted)."""
+    """Files as given, glob patterns expanded, folders scanned for audio files (sorted); one
+    file given under several spellings (links, `./`, `..`) is kept once, as first given."""
+    from df_mlx.atomic import file_identity
+
     files: List[str] = []
     for item in inputs:
         if os.path.isdir(item):
             found = sorted(p for p in glob.glob(os.path.join(item, "*"))
-                           if os.path.splitext(p)[1].lower() in AUDIO_EXTENSIONS)
+                           if os.path.splitext(p)[1].lower() in AUDIO_EXTENSIONS and os.path.isfile(p))
             files.extend(found)
         elif any(ch in item for ch in "*?["):
             files.extend(sorted(glob.glob(item, recursive=True)))
         else:
             files.append(item)
-    return list(dict.fromkeys(files))
+    return list({file_identity(f): f for f in reversed(files)}.values())[::-1]
 
 
-def _check_block(block: np.ndarray, path: str):
-    if not np.isfinite(block).all():
-        raise InputError(f"{path}: contains NaN or infinite samples")
+def plan_jobs(files: List[str], output_dir: str, suffix: Optional[str]) -> List[Job]:
+    """Each file's output, checked before any work: an output that would replace any of the
+    inputs (through links or hard links too), that two inputs would share, or that exists as
+    something other than a file fails the inputs concerned."""
+    from df_mlx.atomic import file_identity
+    from df_mlx.io import output_path
+
+    inputs = {file_identity(f) for f in files if os.path.exists(f)}
+    jobs = [Job(f, output_path(f, output_dir, suffix)) for f in files]
+    writers = defaultdict(list)
+    for job in jobs:
+        writers[file_identity(job.output)].append(job.source)
+    for job in jobs:
+        others = [f for f in writers[file_identity(job.output)] if f != job.source]
+        if file_identity(job.output) in inputs:
+            job.error = f"its output {job.output} would overwrite an input"
+        elif others:
+            job.error = f"its output {job.output} would also be written for {others[0]}"
+        elif os.path.lexists(job.output) and not os.path.isfile(job.output):
+            job.error = f"its output {job.output} exists and is not a file"
+    return jobs
+
+
+def _check_finite_option(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _audio_info(path: str):
+    """The header of `path`, within the input bounds."""
+    if not os.path.isfile(path):
+        raise InputError("file not found")
+    try:
+        info = sf.info(path)
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise InputError(f"not a readable audio file ({str(e).splitlines()[0].split(': ')[-1]})") from None
+    if info.frames <= 0:
+        raise InputError("empty audio file")
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise InputError(f"sample rate {info.samplerate} Hz is outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz")
+    if not 1 <= info.channels <= MAX_CHANNELS:
+        raise InputError(f"{info.channels} channels, more than {MAX_CHANNELS}")
+    if info.frames > MAX_SECONDS * info.samplerate:
+        raise InputError(f"{info.frames / info.samplerate / 3600:.1f} h long, more than {MAX_SECONDS // 3600} h")
+    return info
+
+
+def _truncation(info) -> Optional[str]:
+    """libsndfile's note that a WAV-like header declares more data than the file holds."""
+    for line in info.extra_info.splitlines():
+        if line.strip().startswith("data") and "(should be" in line:
+            return line.strip()
+    return None
+
+
+def _output_subtype(info) -> str:
+    """The input's own encoding where its format can write it, else the format's default."""
+    return info.subtype if sf.check_format(info.format, info.subtype) else sf.default_subtype(info.format)
+
+
+def _blocks(path: str, block: int):
+    try:
+        yield from sf.blocks(path, blocksize=block, dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise InputError(f"cannot decode: {str(e).splitlines()[0]}") from None
+
+
+class _Writer:
+    """The output file, failing with a one-line reason (full disk included)."""
+
+    def __init__(self, tmp: str, out_path: str, info, subtype: str):
+        self.out_path, self.clip = out_path, subtype not in FLOAT_SUBTYPES
+        try:
+            self.file = sf.SoundFile(tmp, "w", samplerate=info.samplerate, channels=info.channels,
+                                     subtype=subtype, format=info.format)
+        except (RuntimeError, sf.LibsndfileError) as e:
+            raise InputError(f"cannot write {out_path}: {str(e).splitlines()[0]}") from None
+
+    def write(self, samples: np.ndarray):
+        if not np.isfinite(samples).all():
+            raise InputError("the model produced NaN or infinite samples (are its weights finite?)")
+        if self.clip:
+            samples = np.clip(samples, -1.0, 1.0 - 1.0 / (1 << 15))
+        try:
+            self.file.write(samples.T)
+        except (RuntimeError, sf.LibsndfileError) as e:
+            self._fail(e)
+
+    def close(self):
+        try:
+            self.file.close()
+        except (RuntimeError, sf.LibsndfileError) as e:
+            self._fail(e)
+
+    def abandon(self):
+        """Close after a failure, which is the error to report."""
+        try:
+            self.file.close()
+        except (RuntimeError, sf.LibsndfileError):
+            pass
+
+    def _fail(self, e):
+        full = shutil.disk_usage(os.path.dirname(os.path.abspath(self.out_path))).free == 0
+        raise InputError(f"cannot write {self.out_path}: {str(e).splitlines()[0]}"
+                         + (" (no space left on the device)" if full else "")) from None
 
 
 def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compensate_delay: bool,
                  progress: bool) -> float:
-    """Enhance one file into `out_path` (atomically); returns its duration in seconds."""
+    """Enhance one file into `out_path` (atomically, in the input's format and encoding);
+    returns its duration in seconds."""
     from tqdm import tqdm
 
+    from df_mlx.atomic import atomic_file
     from df_mlx.enhance import BLOCK_SECONDS
     from df_mlx.io import Resampler
     from df_mlx.streaming import StreamingEnhancer
 
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: file not found")
-    try:
-        info = sf.info(path)
-    except (RuntimeError, sf.LibsndfileError):
-        raise InputError(f"{path}: not a readable audio file") from None
-    if info.frames <= 0:
-        raise InputError(f"{path}: empty audio file")
+    info = _audio_info(path)
     sr, model_sr = info.samplerate, df_state.sr()
-    if sr <= 0:
-        raise InputError(f"{path}: invalid sample rate {sr}")
     to_model, from_model = Resampler(sr, model_sr), Resampler(model_sr, sr)
+    if _truncation(info):
+        click.echo(f"Warning: {path}: truncated ({_truncation(info)}); enhancing the {info.frames} frames it holds",
+                   err=True)
     stream = StreamingEnhancer(model, df_state, atten_lim_db, compile_hops=False)  # 10 s blocks
     skip = df_state.fft_size() - df_state.hop_size() if compensate_delay else 0
     block = max(1, int(BLOCK_SECONDS * sr))
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=".dfmlx-", suffix=os.path.splitext(out_path)[1] or ".wav", dir=out_dir)
-    os.close(fd)
     written = 0
-    try:
-        with sf.SoundFile(tmp, "w", samplerate=sr, channels=info.channels, subtype="PCM_16",
-                          format=info.format) as out:
-
+    with atomic_file(out_path) as tmp:
+        out = _Writer(tmp, out_path, info, _output_subtype(info))
+        try:
             model_len = math.ceil(model_sr * info.frames / sr) if compensate_delay else None
             model_written = 0
 
@@ -102,27 +217,54 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
                 if final:
                     samples = np.concatenate([samples, from_model.flush()], axis=1)
                 samples = samples[:, : max(0, info.frames - written)] if compensate_delay else samples
-                out.write(np.clip(samples.T, -1.0, 1.0 - 1.0 / (1 << 15)))
+                out.write(samples)
                 written += samples.shape[1]
 
             bar = tqdm(total=info.frames, unit="sample", unit_scale=True, leave=False,
                        disable=not progress or info.frames < 6 * block, desc=os.path.basename(path))
-            for chunk in sf.blocks(path, blocksize=block, dtype="float32", always_2d=True):
+            for chunk in _blocks(path, block):
                 chunk = chunk.T
-                _check_block(chunk, path)
+                if not np.isfinite(chunk).all():
+                    raise InputError("contains NaN or infinite samples")
                 write(stream.process(to_model.process(chunk)))
                 bar.update(chunk.shape[1])
             bar.close()
             tail = to_model.flush()
             write(np.concatenate([stream.process(tail), stream.flush()], axis=1), final=True)
+        except BaseException:
+            out.abandon()
+            raise
+        out.close()
         if written == 0:
-            raise InputError(f"{path}: too short to enhance (no samples after resampling)")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            raise InputError("too short to enhance (no samples after resampling)")
     return info.frames / sr
+
+
+def _reason(e: Exception) -> str:
+    """A per-file failure in one line: our own errors as they are, others with their kind."""
+    from df_mlx.io import AudioError
+
+    text = (str(e).strip().splitlines() or [""])[0]
+    if isinstance(e, (InputError, AudioError)):
+        return text
+    if isinstance(e, OSError):
+        return f"{e.strerror or text}" + (f": {e.filename}" if e.filename else "")
+    if isinstance(e, MemoryError):
+        return "out of memory"
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def run_job(job: Job, model, df_state, atten_lim_db, compensate_delay: bool) -> FileResult:
+    """One file of the batch: its result, or its failure as a reason (never raised, so the
+    batch goes on)."""
+    if job.error:
+        return FileResult(job.source, None, 0.0, 0.0, job.error)
+    t0 = time.perf_counter()
+    try:
+        seconds = enhance_file(job.source, job.output, model, df_state, atten_lim_db, compensate_delay, progress=True)
+        return FileResult(job.source, job.output, seconds, time.perf_counter() - t0)
+    except Exception as e:  # any failure of one file is reported and the next file runs
+        return FileResult(job.source, None, 0.0, time.perf_counter() - t0, _reason(e))
 
 
 @click.command("enhance")
@@ -132,7 +274,8 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
 @click.option("-m", "--model", "model_dir", default=None,
               help="Converted model directory, upstream model directory, or a pretrained name "
                    "(default: the embedded DeepFilterNet3).")
-@click.option("-a", "--atten-lim", type=float, default=None, help="Attenuation limit in dB.")
+@click.option("-a", "--atten-lim", type=float, default=None, callback=_check_finite_option,
+              help="Attenuation limit in dB.")
 @click.option("--pf", is_flag=True, help="Post-filter: slightly more attenuation of very noisy parts.")
 @click.option("--compensate-delay/--no-compensate-delay", default=True, show_default=True,
               help="Align the output with the input (remove the STFT delay).")
@@ -144,7 +287,6 @@ def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, 
     from tqdm import tqdm
 
     from df_mlx.enhance import init_df
-    from df_mlx.io import output_path
 
     files = expand_inputs(inputs)
     if not files:
@@ -159,18 +301,9 @@ def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, 
         model, df_state, model_suffix = init_df(model_dir, post_filter=pf, log_level=log_level, log_file=None)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise click.ClickException(str(e).splitlines()[0])
-    results: List[FileResult] = []
-    for path in tqdm(files, unit="file", disable=len(files) < 2):
-        out = output_path(path, output_dir, model_suffix if suffix else None)
-        if os.path.abspath(out) == os.path.abspath(path):
-            results.append(FileResult(path, None, 0.0, 0.0, f"{path}: output would overwrite the input"))
-            continue
-        t0 = time.perf_counter()
-        try:
-            seconds = enhance_file(path, out, model, df_state, atten_lim, compensate_delay, progress=True)
-            results.append(FileResult(path, out, seconds, time.perf_counter() - t0))
-        except (InputError, ValueError, OSError) as e:
-            results.append(FileResult(path, None, 0.0, time.perf_counter() - t0, str(e).splitlines()[0]))
+    jobs = plan_jobs(files, output_dir, model_suffix if suffix else None)
+    results = [run_job(job, model, df_state, atten_lim, compensate_delay)
+               for job in tqdm(jobs, unit="file", disable=len(jobs) < 2)]
     _summary(results)
     if any(r.error for r in results):
         raise SystemExit(1)
@@ -180,7 +313,7 @@ def _summary(results: List[FileResult]):
     done = [r for r in results if r.error is None]
     for r in results:
         if r.error:
-            click.echo(f"Error: {r.error}", err=True)
+            click.echo(f"Error: {r.source}: {r.error}", err=True)
         else:
             click.echo(f"{r.output}  ({r.seconds:.1f} s audio, RTF {r.elapsed / max(r.seconds, 1e-9):.3f})")
     audio = sum(r.seconds for r in done)

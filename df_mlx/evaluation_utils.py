@@ -250,18 +250,14 @@ def evaluation_loop_dns(
 def write_csv(path: str, flat_metrics: Dict[str, Dict[str, float]]):
     """Write `{filename: {metric_name: metric_value}}` as `filename,metric_a,metric_b,...`
     (replacing `path` only once the whole file is written)."""
+    from df_mlx.atomic import atomic_file
+
     metric_names = list(iter(flat_metrics.values()).__next__().keys())
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, mode="w", newline="") as csvfile:
-            csvwriter = csv.writer(csvfile, delimiter=",", quoting=csv.QUOTE_MINIMAL)
-            csvwriter.writerow(["filename"] + metric_names)
-            for fn, m in flat_metrics.items():
-                csvwriter.writerow([fn] + [str(m[n]) for n in metric_names])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp, open(tmp, mode="w", newline="") as csvfile:
+        csvwriter = csv.writer(csvfile, delimiter=",", quoting=csv.QUOTE_MINIMAL)
+        csvwriter.writerow(["filename"] + metric_names)
+        for fn, m in flat_metrics.items():
+            csvwriter.writerow([fn] + [str(m[n]) for n in metric_names])
 
 
 class Metric(ABC):

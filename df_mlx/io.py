@@ -7,7 +7,6 @@ atomically: a temporary file in the target directory, renamed into place when co
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -100,20 +99,13 @@ def save_audio(file: str, audio, sr: int, output_dir: Optional[str] = None, suff
         subtype = "FLOAT"
     else:
         subtype = "PCM_16"
-    directory = os.path.dirname(os.path.abspath(outpath))
-    ext = os.path.splitext(outpath)[1] or ".wav"
+    from df_mlx.atomic import atomic_file
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".dfmlx-", suffix=ext, dir=directory)
+        with atomic_file(outpath) as tmp:
+            sf.write(tmp, audio.T, sr, subtype=subtype)
     except OSError as e:
-        raise AudioError(f"cannot write to {directory}: {e.strerror}") from None
-    os.close(fd)
-    try:
-        sf.write(tmp, audio.T, sr, subtype=subtype)
-        os.replace(tmp, outpath)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        raise AudioError(f"cannot write {outpath}: {e.strerror}") from None
     return outpath
 
 
@@ -158,6 +150,12 @@ def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int, rolloff: float,
     return (kernels * window * (base / orig)).astype(np.float32), width
 
 
+# The polyphase kernel has new/gcd rows of 2*width + orig/gcd taps: tiny for the usual rates
+# (44.1 -> 48 kHz: 160 x 181), but rates with no common factor (a header claiming 44101 Hz)
+# would need GBs, so such ratios are refused before anything is allocated.
+MAX_KERNEL_BYTES = 64 << 20
+
+
 class Resampler:
     """`resample` over a stream of [C, n] blocks: the same polyphase filter, carrying the input
     samples the next output frames still need. `flush()` ends the stream, cutting the total
@@ -169,6 +167,10 @@ class Resampler:
         p = get_resample_params(method)
         gcd = math.gcd(int(orig_sr), int(new_sr))
         self.orig, self.new = int(orig_sr) // gcd, int(new_sr) // gcd
+        taps = 2 * math.ceil(p["lowpass_filter_width"] * self.orig / (min(self.orig, self.new) * p.get("rolloff", 0.99)))
+        if self.new * (taps + self.orig) * 4 > MAX_KERNEL_BYTES and self.orig != self.new:
+            raise AudioError(f"cannot resample {orig_sr} Hz to {new_sr} Hz: the rates share too small a factor "
+                             f"({self.orig}:{self.new}); convert the file to a common rate first")
         self.kernel, self.width = _sinc_kernel(self.orig, self.new, p["lowpass_filter_width"],
                                                p.get("rolloff", 0.99), p["resampling_method"], p.get("beta"))
         self.identity = self.orig == self.new
