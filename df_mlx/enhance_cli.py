@@ -112,7 +112,7 @@ def _audio_info(path: str):
     if not 1 <= info.channels <= MAX_CHANNELS:
         raise InputError(f"{info.channels} channels, more than {MAX_CHANNELS}")
     if info.frames > MAX_SECONDS * info.samplerate:
-        raise InputError(f"{info.frames / info.samplerate / 3600:.1f} h long, more than {MAX_SECONDS // 3600} h")
+        raise InputError(f"{info.frames / info.samplerate:g} s long, more than {MAX_SECONDS:g} s")
     return info
 
 
