@@ -11,6 +11,7 @@ parameter of the model the config describes: unknown, missing or mis-shaped tens
 error naming them.
 """
 
+import configparser
 import glob
 import hashlib
 import os
@@ -36,10 +37,10 @@ REFERENCE_VERSIONS = {"deepfilternet4": "sealad886/DeepFilterNet4 893ec67cb57812
 # its defaults, then the fork's DfNet4Lite (a switch of the deepfilternet4 family, not a family).
 DETECT_CONFIGS = [(f, f"[train]\nmodel = {f}\n") for f in FAMILIES] + [
     ("deepfilternet4", "[train]\nmodel = deepfilternet4\n[deepfilternet4]\nmodel_variant = lite\n")]
-# Bounds on a release zip, checked on its directory before anything is extracted (a zip bomb
-# of a few MB can unpack to GBs): upstream's model zips hold a handful of files and tens of MB.
-MAX_ZIP_MEMBERS = 1000
-MAX_ZIP_BYTES = 1 << 30
+# Bounds on a release zip or tarball, checked on its directory before anything is extracted (a
+# bomb of a few MB can unpack to GBs): upstream's releases hold a handful of files and tens of MB.
+MAX_ARCHIVE_MEMBERS = 1000
+MAX_ARCHIVE_BYTES = 1 << 30
 # Keys upstream's own `read_cp` ignores when loading (GRU initial states of old releases).
 IGNORED_SUFFIXES = (".h0",)
 IGNORED_PARTS = ("erb_comp",)
@@ -50,6 +51,7 @@ class Source:
     checkpoint: Path
     config_text: Optional[str]
     description: str
+    config_origin: str = "config.ini"  # where config_text came from, for errors
 
 
 @dataclass
@@ -101,7 +103,8 @@ def _read_config(path: Path, label: str) -> str:
 def _model_dir_source(root: Path, epoch, label: str) -> Source:
     cp_dir = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     cp = _pick_checkpoint(cp_dir, epoch, f"{label}/{cp_dir.relative_to(root)}".rstrip("/."))
-    return Source(cp, _read_config(root / "config.ini", f"{label}/config.ini"), f"{root.name}/{cp.relative_to(root)}")
+    origin = f"{label}/config.ini"
+    return Source(cp, _read_config(root / "config.ini", origin), f"{root.name}/{cp.relative_to(root)}", origin)
 
 
 def _extract_model_zip(src: Path, tmp: Path) -> Path:
@@ -110,9 +113,9 @@ def _extract_model_zip(src: Path, tmp: Path) -> Path:
     try:
         with zipfile.ZipFile(src) as z:
             members = z.infolist()
-            if len(members) > MAX_ZIP_MEMBERS:
+            if len(members) > MAX_ARCHIVE_MEMBERS:
                 raise CheckpointError(f"{src.name}: {len(members)} members, more than a model zip holds "
-                                      f"(at most {MAX_ZIP_MEMBERS})")
+                                      f"(at most {MAX_ARCHIVE_MEMBERS})")
             roots = [os.path.dirname(m.filename) for m in members
                      if not m.is_dir() and os.path.basename(m.filename) == "config.ini"]
             if len(roots) != 1:
@@ -121,9 +124,9 @@ def _extract_model_zip(src: Path, tmp: Path) -> Path:
             prefix = f"{roots[0]}/" if roots[0] else ""
             wanted = [m for m in members if m.filename.startswith(prefix) and not m.is_dir()]
             size = sum(m.file_size for m in wanted)
-            if size > MAX_ZIP_BYTES:
+            if size > MAX_ARCHIVE_BYTES:
                 raise CheckpointError(f"{src.name}: its model directory unpacks to {size / 2**30:.1f} GiB, "
-                                      f"more than a model holds (at most {MAX_ZIP_BYTES / 2**30:.0f} GiB)")
+                                      f"more than a model holds (at most {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB)")
             for m in wanted:
                 z.extract(m, tmp)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, zlib.error) as e:
@@ -155,7 +158,7 @@ def find_source(src: Path, epoch, config_path: Optional[Path], tmp: Path) -> Sou
     else:
         found = Source(src, None, src.name)
     if override is not None:
-        found.config_text = override
+        found.config_text, found.config_origin = override, str(config_path)
     return found
 
 
@@ -226,6 +229,11 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
             family, model, weights = _fit(state, source.config_text, tmp)
         except LayoutError as e:
             raise CheckpointError(f"{source.description}: {e}") from None
+        except CheckpointError:
+            raise
+        except (configparser.Error, ValueError) as e:  # a config that does not parse or cast
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{source.config_origin}: not a usable config: {first}") from None
         model.load_weights(weights, strict=True)
         mx.eval(model.parameters())
         extra, disc_source = _discriminator_alongside(source.checkpoint)

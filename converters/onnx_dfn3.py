@@ -38,8 +38,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from loguru import logger
 
-from converters.convert import (CONVERTER_VERSION, REFERENCE_VERSION, ConvertResult, _load_config,
-                                sha256)
+from converters.convert import (CONVERTER_VERSION, MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS, REFERENCE_VERSION,
+                                ConvertResult, _load_config, sha256)
 from converters.torch_ckpt import CheckpointError
 
 FAMILY = "deepfilternet3"
@@ -81,7 +81,10 @@ def read_release(tar_path) -> Release:
     try:
         with tarfile.open(tar_path, "r:*") as tar:
             members = {}
-            for m in tar.getmembers():
+            for i, m in enumerate(tar):
+                if i >= MAX_ARCHIVE_MEMBERS:
+                    raise OnnxReleaseError(f"{tar_path.name}: more than {MAX_ARCHIVE_MEMBERS} members, "
+                                           "more than a release holds")
                 name = Path(m.name).name
                 if m.isfile() and name in wanted:
                     members.setdefault(name, []).append(m)
@@ -95,6 +98,10 @@ def read_release(tar_path) -> Release:
             dirs = {str(Path(members[n][0].name).parent) for n in wanted}
             if len(dirs) != 1:
                 raise OnnxReleaseError(f"{tar_path.name}: the graphs and config.ini are not in one directory")
+            size = sum(members[n][0].size for n in wanted)
+            if size > MAX_ARCHIVE_BYTES:
+                raise OnnxReleaseError(f"{tar_path.name}: its graphs and config unpack to {size / 2**30:.1f} GiB, "
+                                       f"more than a release holds (at most {MAX_ARCHIVE_BYTES / 2**30:.0f} GiB)")
             data = {n: tar.extractfile(members[n][0]).read() for n in wanted}
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")

@@ -400,16 +400,33 @@ def _zip(path: Path, members: dict) -> Path:
 def test_convert_a_zip_bomb_is_refused_before_extraction(tmp_path, src, monkeypatch):
     import converters.convert as convert
 
-    monkeypatch.setattr(convert, "MAX_ZIP_BYTES", 1 << 20)  # the bound itself: 1 GiB
+    monkeypatch.setattr(convert, "MAX_ARCHIVE_BYTES", 1 << 20)  # the bound itself: 1 GiB
     bomb = _zip(tmp_path / "bomb.zip", {"m/config.ini": SMALL, "m/checkpoints/model_1.ckpt": bytes(2 << 20)})
     monkeypatch.setattr(zipfile.ZipFile, "extract", lambda *a: pytest.fail("extracted"))
     _refused(tmp_path, ["convert", bomb, "-o", tmp_path / "out"], "bomb.zip: its model directory unpacks to")
 
 
+def test_convert_a_tar_bomb_is_refused_before_reading(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    import converters.onnx_dfn3 as onnx_dfn3
+
+    monkeypatch.setattr(onnx_dfn3, "MAX_ARCHIVE_BYTES", 1 << 20)  # the bound itself: 1 GiB
+    bomb = tmp_path / "bomb.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        for name in ("enc.onnx", "erb_dec.onnx", "df_dec.onnx", "config.ini"):
+            info = tarfile.TarInfo(f"r/{name}")
+            info.size = 2 << 20 if name == "enc.onnx" else 1
+            tar.addfile(info, io.BytesIO(bytes(info.size)))
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda *a: pytest.fail("read"))
+    _refused(tmp_path, ["convert", bomb, "-o", tmp_path / "out"], "bomb.tar.gz: its graphs and config unpack to")
+
+
 def test_convert_a_zip_with_too_many_members(tmp_path, src, monkeypatch):
     import converters.convert as convert
 
-    monkeypatch.setattr(convert, "MAX_ZIP_MEMBERS", 10)  # the bound itself: 1000
+    monkeypatch.setattr(convert, "MAX_ARCHIVE_MEMBERS", 10)  # the bound itself: 1000
     many = _zip(tmp_path / "many.zip", {f"m/f{i}": b"" for i in range(11)})
     _refused(tmp_path, ["convert", many, "-o", tmp_path / "out"], "many.zip: 11 members, more than a model zip holds")
 
@@ -430,6 +447,14 @@ def test_convert_an_undecodable_config(tmp_path, src):
     bad = tmp_path / "latin1.ini"
     bad.write_bytes("[train]\nmodel = deepfilternet3 # caf\xe9\n".encode("latin-1"))
     _refused(tmp_path, ["convert", src, "--config", bad, "-o", tmp_path / "out"], f"{bad}: not UTF-8 text")
+
+
+@pytest.mark.parametrize("text, reason", [("[train\nmodel = x\n", "File contains no section headers."),
+                                          ("[df]\nsr = abc\n", "invalid literal for int()")],
+                         ids=["unparsable", "uncastable"])
+def test_convert_an_unusable_config(tmp_path, src, text, reason):
+    (src / "config.ini").write_text(text)
+    _refused(tmp_path, ["convert", src, "-o", tmp_path / "out"], f"{src}/config.ini: not a usable config: {reason}")
 
 
 def test_convert_a_bogus_safetensors(tmp_path):

@@ -121,7 +121,7 @@ def test_bad_checkpoints_fail_cleanly(tmp_path, dfn3_state):
         error = result.output.strip().splitlines()[-1]
         assert error.startswith("Error: ") and message in error, (name, result.output)
         assert not out.exists(), name
-        assert not list(tmp_path.glob(f".out_{name}*")), name
+        assert not list(tmp_path.glob(".dfmlx-*")), name
     assert not Path("/tmp/dfmlx_pwned").exists()
 
 
