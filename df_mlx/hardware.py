@@ -29,7 +29,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 from configparser import ConfigParser
 from dataclasses import dataclass
 from pathlib import Path
@@ -319,14 +318,10 @@ def auto_tune_training_config(config_path: str, output_path: Optional[str] = Non
     parser.read(config_path)
     hw_config.apply_to_config(parser)
     output = Path(output_path or config_path)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            parser.write(f)
-        os.replace(tmp, output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from df_mlx.atomic import atomic_file
+
+    with atomic_file(output, suffix=".tmp") as tmp, open(tmp, "w") as f:
+        parser.write(f)
     logger.info(f"Auto-tuned config written to: {output}")
     return hw_config
 

@@ -19,7 +19,6 @@ import io
 import os
 import shutil
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,16 +109,16 @@ def write_to_h5(file_name: str, data: dict, sr: int, max_freq: int = -1, dtype: 
     [...], "working_dir": dir}}, written atomically."""
     import h5py
 
+    from df_mlx.atomic import atomic_file
+
     if max_freq <= 0:
         max_freq = sr // 2
     target = Path(file_name)
-    fd, tmp = tempfile.mkstemp(suffix=".hdf5.part", dir=target.parent or ".")
-    os.close(fd)
-    try:
+    with atomic_file(target, suffix=".hdf5.part") as tmp:
         if target.exists():
             shutil.copyfile(target, tmp)
         else:
-            os.remove(tmp)
+            os.remove(tmp)  # h5py creates it
         with h5py.File(tmp, "a", libver="latest") as f:
             f.attrs["db_id"] = int(time.time())
             f.attrs["db_name"] = target.name
@@ -145,10 +144,6 @@ def write_to_h5(file_name: str, data: dict, sr: int, max_freq: int = -1, dtype: 
                         ds = grp.create_dataset(ds_key, data=sample["data"], compression=compression)
                         ds.attrs["n_samples"] = sample["n_samples"]
                 logger.info(f"Added {len(dataset)} samples to the group {key}.")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def list_audio_files(audio_files: str) -> Dict:
