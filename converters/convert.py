@@ -323,4 +323,7 @@ def _write_atomically(state: Dict[str, np.ndarray], out_path: Path):
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_path) as tmp:
-        write_state_dict(state, Path(tmp))
+        try:
+            write_state_dict(state, Path(tmp))
+        except RuntimeError as e:  # torch's write failures (a full disk) are plain RuntimeErrors
+            raise CheckpointError(f"cannot write {out_path}: {str(e).splitlines()[0]}") from None

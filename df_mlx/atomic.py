@@ -51,18 +51,30 @@ def file_identity(path):
 
 
 @contextlib.contextmanager
+def _naming(target):
+    """OSErrors of the temporary's creation and renaming name the target: the temporary's
+    name means nothing to the user and is gone by the time the error is shown."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(target)) from None
+
+
+@contextlib.contextmanager
 def atomic_file(target, suffix=None):
     """Yield a temporary path beside `target` ending in `suffix` (default: the target's
     extension, so writers that pick the format from the name still do); when the block
     succeeds it replaces `target` in one rename."""
     directory, name = os.path.split(os.path.abspath(target))
     suffix = os.path.splitext(name)[1] if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}.", suffix=suffix, dir=directory)
+    with _naming(target):
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{name}.", suffix=suffix, dir=directory)
     os.close(fd)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
+        with _naming(target):
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -75,12 +87,14 @@ def atomic_dir(target):
     place. An existing `target` is renamed aside first and deleted only once the new folder is
     in place (put back if that rename fails)."""
     target = Path(os.path.abspath(target))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=target.parent))
+    with _naming(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())
-        _move_in(tmp, target)
+        with _naming(target):
+            os.chmod(tmp, 0o777 & ~_umask())
+            _move_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -93,10 +93,12 @@ def write_model_dir(model, out_dir, metadata: Dict[str, str], overwrite: bool = 
         with open(tmp / CONFIG_FILE, "w") as f:  # config.save skips unmodified configs
             config.parser.write(f)
         meta = {"format": FORMAT, "df_mlx_version": str(version), **{k: str(v) for k, v in metadata.items()}}
-        weights = dict(tree_flatten(model.parameters()))
-        mx.save_safetensors(str(tmp / MODEL_FILE), weights, metadata=meta)
-        for name, extra_weights in (extra or {}).items():
-            mx.save_safetensors(str(tmp / name), extra_weights, metadata=meta)
+        files = {MODEL_FILE: dict(tree_flatten(model.parameters())), **(extra or {})}
+        for name, weights in files.items():
+            try:
+                mx.save_safetensors(str(tmp / name), weights, metadata=meta)
+            except RuntimeError as e:  # mlx's write failures (a full disk) are plain RuntimeErrors
+                raise ModelDirError(f"cannot write {out_dir / name}: {str(e).splitlines()[0]}") from None
     return out_dir
 
 

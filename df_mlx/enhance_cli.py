@@ -62,10 +62,13 @@ def expand_inputs(inputs: Iterable[str]) -> List[str]:
                            if os.path.splitext(p)[1].lower() in AUDIO_EXTENSIONS and os.path.isfile(p))
             files.extend(found)
         elif any(ch in item for ch in "*?["):
-            files.extend(sorted(glob.glob(item, recursive=True)))
+            files.extend(sorted(p for p in glob.glob(item, recursive=True) if not os.path.isdir(p)))
         else:
             files.append(item)
-    return list({file_identity(f): f for f in reversed(files)}.values())[::-1]
+    first = {}
+    for f in files:
+        first.setdefault(file_identity(f), f)
+    return list(first.values())
 
 
 def plan_jobs(files: List[str], output_dir: str, suffix: Optional[str]) -> List[Job]:

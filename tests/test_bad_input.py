@@ -277,19 +277,23 @@ def test_a_signal_mid_file_leaves_nothing(tmp_path, model_dir, signum):  # noqa:
     assert_only_new(before, tree(tmp_path))
 
 
-def test_a_full_disk_fails_the_file_and_the_batch_goes_on(tmp_path, model_dir):  # noqa: F811
-    """RLIMIT_FSIZE makes writes past 256 kB fail as a full disk does (EFBIG, SIGXFSZ ignored)."""
+def _disk_full_past(size: int):
+    """A subprocess setup under which writing past `size` bytes of a file fails as a full disk
+    does (RLIMIT_FSIZE: EFBIG, with SIGXFSZ ignored)."""
     import resource
-
-    big = write(tmp_path / "big.wav", seconds=10.0)  # 320 kB out
-    small = write(tmp_path / "small.wav", seconds=0.5)
-    before = tree(tmp_path)
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
-    proc = _cli(["enhance", big, small, "-m", model_dir, "-o", tmp_path / "out"], preexec_fn=limit)
+    return limit
+
+
+def test_a_full_disk_fails_the_file_and_the_batch_goes_on(tmp_path, model_dir):  # noqa: F811
+    big = write(tmp_path / "big.wav", seconds=10.0)  # 320 kB out
+    small = write(tmp_path / "small.wav", seconds=0.5)
+    before = tree(tmp_path)
+    proc = _cli(["enhance", big, small, "-m", model_dir, "-o", tmp_path / "out"], preexec_fn=_disk_full_past(256 << 10))
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stderr
     [error] = [line for line in stderr.splitlines() if line.startswith("Error: ")]
@@ -512,3 +516,15 @@ def test_export_replaces_its_own_kind_with_umask_permissions(tmp_path, converted
         os.umask(old)
     assert target.stat().st_mode & 0o777 == 0o644
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dfmlx-")]
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_a_full_disk_fails_convert_and_export_cleanly(tmp_path, src, converted, command):
+    args = [src, "-o", tmp_path / "out"] if command == "convert" else [converted, "-o", tmp_path / "out.ckpt"]
+    before = tree(tmp_path)
+    proc = _cli([command, *args], preexec_fn=_disk_full_past(16 << 10))
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"Error: cannot write {args[-1]}"), stderr
+    assert [line for line in stderr.splitlines() if line.startswith("Error")] == [stderr.strip().splitlines()[-1]]
+    assert_only_new(before, tree(tmp_path))
