@@ -21,17 +21,18 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 
 
 def _umask() -> int:
+    """The process umask, read without setting it where Linux shows it (setting it, even
+    briefly, would apply to files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def same_path(a, b) -> bool:
-    """Whether two paths name the same file or folder: links resolved, hard links included."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def is_inside(path, folder) -> bool:

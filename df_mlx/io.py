@@ -102,7 +102,7 @@ def save_audio(file: str, audio, sr: int, output_dir: Optional[str] = None, suff
     from df_mlx.atomic import atomic_file
 
     try:
-        with atomic_file(outpath) as tmp:
+        with atomic_file(outpath, suffix=os.path.splitext(outpath)[1] or ".wav") as tmp:
             sf.write(tmp, audio.T, sr, subtype=subtype)
     except OSError as e:
         raise AudioError(f"cannot write {outpath}: {e.strerror}") from None
@@ -152,8 +152,9 @@ def _sinc_kernel(orig: int, new: int, lowpass_filter_width: int, rolloff: float,
 
 # The polyphase kernel has new/gcd rows of 2*width + orig/gcd taps: tiny for the usual rates
 # (44.1 -> 48 kHz: 160 x 181), but rates with no common factor (a header claiming 44101 Hz)
-# would need GBs, so such ratios are refused before anything is allocated.
-MAX_KERNEL_BYTES = 64 << 20
+# would need GBs (and its float64 construction several times that), so such ratios are refused
+# before anything is allocated; the usual rates need at most 0.5 MB (11025 -> 48000 Hz).
+MAX_KERNEL_BYTES = 16 << 20
 
 
 class Resampler:
