@@ -213,7 +213,8 @@ def convert(src, out_dir=None, epoch: Union[str, int] = "best", config_path=None
     from df_mlx.checkpoint import check_model_dir_target, write_model_dir
 
     src = Path(src)
-    out_dir = Path(out_dir) if out_dir else src.parent / f"{Path(os.path.abspath(src)).name.split('.')[0]}_mlx"
+    where = Path(os.path.abspath(src))  # `.` and `..` have no name of their own
+    out_dir = Path(out_dir) if out_dir else where.parent / f"{where.name.split('.')[0]}_mlx"
     check_model_dir_target(out_dir, overwrite, protect=[src, config_path])
     if src.name.endswith((".tar.gz", ".tgz")):  # the official DeepFilterNet3 ONNX release
         from converters.onnx_dfn3 import convert_onnx_release

@@ -9,6 +9,7 @@ import glob
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -80,11 +81,12 @@ def plan_jobs(files: List[str], output_dir: str, suffix: Optional[str]) -> List[
 
     inputs = {file_identity(f) for f in files if os.path.exists(f)}
     jobs = [Job(f, output_path(f, output_dir, suffix)) for f in files]
+    fold = str.lower if _ignores_case(output_dir) else str  # x.wav and X.wav are one file there
     writers = defaultdict(list)
     for job in jobs:
-        writers[file_identity(job.output)].append(job.source)
+        writers[fold(str(file_identity(job.output)))].append(job.source)
     for job in jobs:
-        others = [f for f in writers[file_identity(job.output)] if f != job.source]
+        others = [f for f in writers[fold(str(file_identity(job.output)))] if f != job.source]
         if file_identity(job.output) in inputs:
             job.error = f"its output {job.output} would overwrite an input"
         elif others:
@@ -92,6 +94,13 @@ def plan_jobs(files: List[str], output_dir: str, suffix: Optional[str]) -> List[
         elif os.path.lexists(job.output) and not os.path.isfile(job.output):
             job.error = f"its output {job.output} exists and is not a file"
     return jobs
+
+
+def _ignores_case(folder: str) -> bool:
+    """Whether file names in `folder` are case-insensitive (macOS and Windows defaults)."""
+    with tempfile.NamedTemporaryFile(prefix=".dfmlx-case-", dir=folder) as probe:
+        head, name = os.path.split(probe.name)
+        return os.path.exists(os.path.join(head, name.upper()))
 
 
 def _check_finite_option(ctx, param, value):

@@ -115,6 +115,18 @@ def test_output_name_collisions_are_found_before_any_work(tmp_path, model_dir): 
     assert_only_new(before, tree(tmp_path), ["out", "out/y_small.wav"])
 
 
+def test_collisions_by_case_where_names_ignore_case(tmp_path, model_dir, monkeypatch):  # noqa: F811
+    import df_mlx.enhance_cli as cli
+
+    monkeypatch.setattr(cli, "_ignores_case", lambda folder: True)  # as on macOS's default APFS
+    a, b = write(tmp_path / "dA" / "x.wav"), write(tmp_path / "dB" / "X.wav")
+    before = tree(tmp_path)
+    result = run("enhance", a, b, "-m", model_dir, "-o", tmp_path / "out")
+    assert result.exit_code == 1 and [e.split(": its output")[0] for e in errors(result)] == [
+        f"Error: {a}", f"Error: {b}"]
+    assert_only_new(before, tree(tmp_path), ["out"])
+
+
 def test_one_file_under_three_spellings_is_enhanced_once(tmp_path, model_dir, monkeypatch):  # noqa: F811
     src = write(tmp_path / "in" / "x.wav")
     (tmp_path / "alias").symlink_to(tmp_path / "in")
