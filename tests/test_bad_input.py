@@ -285,7 +285,7 @@ def test_a_signal_mid_file_leaves_nothing(tmp_path, model_dir, signum):  # noqa:
     time.sleep(0.2)  # inside the first blocks
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode in ((128 + signum,) if signum != signal.SIGINT else (1, 130)), stderr
+    assert proc.returncode == (128 + signum if signum != signal.SIGINT else 1), stderr  # click: "Aborted!", 1
     assert_only_new(before, tree(tmp_path))
 
 
@@ -316,12 +316,10 @@ def test_a_full_disk_fails_the_file_and_the_batch_goes_on(tmp_path, model_dir): 
 
 # ---- convert and export ----------------------------------------------------------------------
 
-torch = pytest.importorskip("torch")
-
-
 @pytest.fixture(scope="module")
 def small_state():
-    """The small DFN3's state dict in torch layout, and its config."""
+    """The small DFN3's state dict in torch layout (checkpoints need torch to be written)."""
+    pytest.importorskip("torch")
     from converters.layout import mlx_state_dict
     from df_mlx.deepfilternet3 import init_model
 
