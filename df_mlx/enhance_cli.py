@@ -1,8 +1,11 @@
 """`dfmlx enhance`: enhance files, globs and folders, streaming each file in bounded memory.
 
-Each file is read in blocks, resampled to the model rate, enhanced by `StreamingEnhancer`
-(exactly what offline `enhance` computes), resampled back and written block by block into a
-temporary file that is renamed into place only when the whole file succeeded.
+Every output is planned before any work (`plan_jobs`: never an input, never shared). Each file
+is checked against the input bounds on its header, read in blocks, resampled to the model rate,
+enhanced by `StreamingEnhancer` (exactly what offline `enhance` computes), resampled back and
+written block by block, in the input's format and encoding, into a temporary file that is
+renamed into place only when the whole file succeeded (`df_mlx.atomic`). A file that fails is
+reported as `Error: <file>: <reason>` and the batch goes on (`run_job`).
 """
 
 import glob
