@@ -114,8 +114,10 @@ def _check_finite_option(ctx, param, value):
 
 def _audio_info(path: str):
     """The header of `path`, within the input bounds."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise InputError("file not found")
+    if not os.path.isfile(path):
+        raise InputError("not a regular file")
     try:
         info = sf.info(path)
     except (RuntimeError, sf.LibsndfileError) as e:

@@ -137,6 +137,13 @@ def test_one_file_under_three_spellings_is_enhanced_once(tmp_path, model_dir, mo
     assert src.is_file()
 
 
+def test_a_device_or_pipe_is_not_read(tmp_path, model_dir):  # noqa: F811
+    os.mkfifo(tmp_path / "pipe.wav")
+    result = run("enhance", tmp_path / "pipe.wav", "/dev/null", "-m", model_dir, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert errors(result) == [f"Error: {tmp_path / 'pipe.wav'}: not a regular file", "Error: /dev/null: not a regular file"]
+
+
 def test_a_sub_folder_named_like_audio_is_not_an_input(tmp_path, model_dir):  # noqa: F811
     write(tmp_path / "in" / "a.wav")
     (tmp_path / "in" / "folder.wav").mkdir()
