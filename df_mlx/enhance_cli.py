@@ -258,12 +258,11 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
 
 
 def _reason(e: Exception) -> str:
-    """A per-file failure in one line: our own errors as they are, others with their kind."""
-    from df_mlx.io import AudioError
-
+    """A failure in one line: ValueErrors (ours: InputError, AudioError, ModelDirError) as they
+    are, OSErrors with their file, anything else with its kind."""
     text = (str(e).strip().splitlines() or [""])[0]
-    if isinstance(e, (InputError, AudioError)):
-        return text
+    if isinstance(e, ValueError):
+        return text or type(e).__name__
     if isinstance(e, OSError):
         return f"{e.strerror or text}" + (f": {e.filename}" if e.filename else "")
     if isinstance(e, MemoryError):
@@ -316,8 +315,8 @@ def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, 
         raise click.ClickException(f"output directory is not writable: {output_dir}")
     try:
         model, df_state, model_suffix = init_df(model_dir, post_filter=pf, log_level=log_level, log_file=None)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        raise click.ClickException(str(e).splitlines()[0])
+    except (OSError, ValueError) as e:  # ValueError: a model that is not one (ModelDirError, CheckpointError)
+        raise click.ClickException(_reason(e))
     jobs = plan_jobs(files, output_dir, model_suffix if suffix else None)
     results = [run_job(job, model, df_state, atten_lim, compensate_delay)
                for job in tqdm(jobs, unit="file", disable=len(jobs) < 2)]
