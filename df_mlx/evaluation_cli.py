@@ -13,10 +13,11 @@ suffix), when that match is unique.
 """
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import click
 
+from df_mlx.atomic import file_identity
 from df_mlx.enhance_cli import expand_inputs
 
 # Metrics that compare against a clean reference (the non-intrusive DNSMOS ones have their own loop).
@@ -89,6 +90,7 @@ def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, cs
     if enhanced_dir is not None and model_dir is not None:
         raise click.ClickException("--model enhances the noisy files: leave out ENHANCED_DIR to use it")
     noisy_files = match_files(clean_files, noisy_dir, "noisy") if noisy_dir else []
+    check_csv_targets(csv_enh, csv_noisy)
     kw = dict(metrics=names, n_workers=workers, log_percent=-1, csv_path_enh=csv_enh, csv_path_noisy=csv_noisy,
               progress_bar=True)
     try:
@@ -104,6 +106,33 @@ def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, cs
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(_one_line(e))
     click.echo(format_means(means))
+
+
+CSV_HEADER = "filename,"  # the first line of every scores CSV that write_csv writes
+
+
+def check_csv_targets(*paths: Optional[str]):
+    """Refuse, before any scoring, a CSV path that would replace a file df-mlx did not write
+    (anything but an earlier scores CSV) or that two options share."""
+    given = [p for p in paths if p is not None]
+    seen = {}
+    for path in given:
+        ident = file_identity(path)
+        if ident in seen:
+            raise click.ClickException(f"{path}: given for both --csv-enh and --csv-noisy")
+        seen[ident] = path
+        if not os.path.lexists(path):
+            continue
+        if not os.path.isfile(path):
+            raise click.ClickException(f"{path}: exists and is not a regular file; refusing to replace it")
+        try:
+            with open(path, encoding="utf-8") as f:
+                first = f.readline()
+        except (OSError, UnicodeDecodeError):
+            first = ""
+        if not first.startswith(CSV_HEADER):
+            raise click.ClickException(f"{path}: exists and is not a scores CSV written by dfmlx eval; "
+                                       "refusing to replace it")
 
 
 def _one_line(e: Exception) -> str:

@@ -545,3 +545,54 @@ def test_a_full_disk_fails_convert_and_export_cleanly(tmp_path, src, converted, 
     assert stderr.strip().splitlines()[-1].startswith(f"Error: cannot write {args[-1]}"), stderr
     assert [line for line in stderr.splitlines() if line.startswith("Error")] == [stderr.strip().splitlines()[-1]]
     assert_only_new(before, tree(tmp_path))
+
+
+# ---- eval ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def scored(tmp_path):
+    """A clean and an enhanced folder with one file each, and a user's file beside them."""
+    write(tmp_path / "clean" / "a.wav")
+    write(tmp_path / "enh" / "a.wav")
+    (tmp_path / "notes.txt").write_text("mine\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("target, reason", [
+    ("notes.txt", "is not a scores CSV written by dfmlx eval"),
+    ("clean/a.wav", "is not a scores CSV written by dfmlx eval"),
+])
+def test_eval_csv_never_replaces_a_user_file(scored, target, reason):
+    before = tree(scored)
+    path = scored / target
+    result = run("eval", scored / "clean", scored / "enh", "--metrics", "sisdr", "--csv-enh", path)
+    assert result.exit_code == 1
+    assert errors(result) == [f"Error: {path}: exists and {reason}; refusing to replace it"]
+    assert_only_new(before, tree(scored))
+
+
+def test_eval_csv_onto_a_folder(scored):
+    before = tree(scored)
+    result = run("eval", scored / "clean", scored / "enh", "--metrics", "sisdr", "--csv-enh", scored / "enh")
+    assert result.exit_code == 2  # click's usage error
+    assert "is a directory" in result.output and str(scored / "enh") in result.output
+    assert_only_new(before, tree(scored))
+
+
+def test_eval_csv_paths_must_differ(scored):
+    before = tree(scored)
+    path = scored / "s.csv"
+    result = run("eval", scored / "clean", scored / "enh", "-n", scored / "clean", "--metrics", "sisdr",
+                 "--csv-enh", path, "--csv-noisy", path)
+    assert result.exit_code == 1
+    assert errors(result) == [f"Error: {path}: given for both --csv-enh and --csv-noisy"]
+    assert_only_new(before, tree(scored))
+
+
+def test_eval_csv_replaces_its_own_scores(scored):
+    path = scored / "s.csv"
+    for _ in range(2):
+        result = run("eval", scored / "clean", scored / "enh", "--metrics", "sisdr", "--csv-enh", path)
+        assert result.exit_code == 0, result.output
+    assert path.read_text().splitlines()[0] == "filename,SISDR"
