@@ -264,11 +264,12 @@ def _grouped_conv2d(x: mx.array, w: mx.array, out_hw, stride, dilation, groups: 
     b, h, w_in, _ = x.shape
     (h_out, w_out), (sh, sw), (dh, dw) = out_hw, stride, dilation
     xg = mx.contiguous(x.reshape(b, h, w_in, groups, in_per_group).transpose(3, 0, 1, 2, 4))  # [G, B, H, W, I/G]
-    wg = mx.contiguous(w.reshape(groups, out_ch // groups, kh * kw, in_per_group).transpose(2, 0, 3, 1))
+    # split, not indexing: the gradient of one index is a zero-filled weight, once per tap
+    w_taps = mx.split(w.reshape(groups, out_ch // groups, kh * kw, in_per_group).transpose(2, 0, 3, 1), kh * kw)
     y = None
     for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw)):
         window = xg[:, :, i * dh : i * dh + (h_out - 1) * sh + 1 : sh, j * dw : j * dw + (w_out - 1) * sw + 1 : sw]
-        tap = window.reshape(groups, -1, in_per_group) @ wg[k]
+        tap = window.reshape(groups, -1, in_per_group) @ w_taps[k][0]
         y = tap if y is None else y + tap
     return y.transpose(1, 0, 2).reshape(b, h_out, w_out, out_ch)
 
