@@ -26,8 +26,7 @@ import df_mlx.train_gan as gan
 from df_mlx import config_check, interrupt
 from df_mlx.cli import main as cli
 from df_mlx.config import config
-from tests.datasets import build_datasets
-from tests.test_train_data import TRAIN_INI
+from tests.test_train_data import TRAIN_INI, dataset, default_config  # noqa: F401  (fixtures)
 from tests.test_train_gan import GAN_INI, _setup, _small_mpd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,18 +36,6 @@ UNREAD_UPSTREAM_KEYS = {"train": {"device", "jit", "p_atten_lim", "detect_anomal
                         "deepfilternet": {"conv_dec_mode", "dfop_method", "group_shuffle"},
                         "optim": {"lr_cycle_limit", "lr_update_per_epoch"}, "sdrloss": {"segmental_ws"}}
 SIGINT_EXIT_BOUND_S = interrupt.GRACE_S + 4  # the watchdog's grace plus process teardown on 2 busy cores
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("datasets")
-    return out, build_datasets(out)
-
-
-@pytest.fixture(autouse=True)
-def default_config():
-    yield
-    config.use_defaults(allow_reload=True)
 
 
 def _base(path: Path, ini: str = TRAIN_INI, epochs: int = 1) -> Path:
