@@ -12,7 +12,6 @@ created.
 """
 
 import os
-import shutil
 import sys
 from typing import List
 
@@ -35,7 +34,7 @@ def _remove_if_unused(paths: List[str]):
         if os.path.isfile(path):
             os.remove(path)
         elif os.path.isdir(path) and not os.listdir(path):
-            shutil.rmtree(path)
+            os.rmdir(path)
 
 
 def _interrupt_message(where: str, dataset_cfg: str, data_dir: str, base_dir: str) -> str:

@@ -242,8 +242,8 @@ class GanTrainer:
     def _log_step_time(self, seconds: float, n_steps: int):
         """The measured cost of GAN training, once, so that a slow discriminator is not silent."""
         self.first_step_timed = True
-        logger.info(f"First GAN step (generator and discriminator): {seconds:.1f} s; an epoch of {n_steps} steps "
-                    f"takes about {seconds * n_steps / 60:.1f} min")
+        logger.info(f"First GAN step (generator and discriminator): {seconds:.1f} s; {n_steps} steps per epoch: "
+                    f"about {seconds * n_steps / 60:.1f} min")
 
     def train_epoch(self, model, epoch: int, loader, split: str, opt: optim.Optimizer, losses: Loss,
                     summary_dir: Optional[str], lr_scheduler_values=None, wd_scheduler_values=None,
