@@ -54,8 +54,9 @@ from df_mlx.lr import cosine_scheduler
 from df_mlx.utils import as_real
 
 DISC_CP, DISC_OPT_CP = "disc", "d_opt"
-# Above this many parameters a discriminator is the fork's full width (MPD with 2 periods: 8.2M;
-# the default CombinedDiscriminator: 70.7M), minutes per step on a CPU.
+# Above this many parameters a discriminator is one of the fork's full-width sets (MPD 41.1M, MSD
+# 29.6M, the default CombinedDiscriminator 70.7M; an MPD of 2 periods has 8.2M): on a CPU, tens
+# of seconds per step of 2 x 0.5 s (README: Train).
 HEAVY_DISCRIMINATOR = 20_000_000
 
 
