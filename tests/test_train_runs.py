@@ -18,7 +18,6 @@ from typing import Iterator
 
 import df_mlx  # noqa: F401  (before mlx.core: MLX's fast BLAS)
 import mlx.core as mx
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from loguru import logger
