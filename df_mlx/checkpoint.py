@@ -232,13 +232,15 @@ def write_cp(obj, name: str, dirname: str, epoch: int, extension: str = EXTENSIO
             lines = prev_best_f.readlines()
             prev_best = float(lines[-1].strip().split(" ")[1]) if lines else float("inf" if cmp == "min" else "-inf")
             if getattr(metric, "__lt__" if cmp == "min" else "__gt__")(prev_best):
-                logger.info(f"Saving new best checkpoint at epoch {epoch} with metric: {metric}")
+                best_name = os.path.join(dirname, f"{name}_{epoch}.{extension}.best")
+                logger.info(f"Saving new best checkpoint {best_name} (epoch {epoch}, metric {metric})")
                 prev_best_f.seek(0, os.SEEK_END)
                 np.savetxt(prev_best_f, np.array([[float(epoch), metric]]))
-                _save_atomic(arrays, os.path.join(dirname, f"{name}_{epoch}.{extension}.best"))
+                _save_atomic(arrays, best_name)
                 cleanup(name, dirname, extension + ".best", nkeep=n_keep_best)
     cp_name = os.path.join(dirname, f"{name}_{epoch}.{extension}")
-    logger.info(f"Writing checkpoint {cp_name} with epoch {epoch}")
+    # With a metric (after validation) this rewrites the epoch's checkpoint, as df does: not news.
+    logger.log("INFO" if metric is None else "DEBUG", f"Writing checkpoint {cp_name} with epoch {epoch}")
     _save_atomic(arrays, cp_name)
     cleanup(name, dirname, extension, nkeep=n_keep)
 

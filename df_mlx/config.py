@@ -10,7 +10,7 @@ import os
 import string
 from configparser import ConfigParser
 from shlex import shlex
-from typing import Any, List, Optional, Tuple, Type, TypeVar, Union
+from typing import Any, List, Optional, Set, Tuple, Type, TypeVar, Union
 
 from loguru import logger
 
@@ -54,6 +54,7 @@ class Config:
         self.path: Optional[str] = ""
         self.modified = False
         self.allow_defaults = True
+        self.read: Set[Tuple[str, str]] = set()  # (section, key) lower-case, each key asked for since load
 
     def load(
         self, path: Optional[str], config_must_exist=False, allow_defaults=True, allow_reload=False
@@ -63,6 +64,7 @@ class Config:
             raise ValueError("Config already loaded")
         self.parser = ConfigParser()
         self.path = path
+        self.read = set()
         if path is not None and os.path.isfile(path):
             with open(path) as f:
                 self.parser.read_file(f)
@@ -115,6 +117,7 @@ class Config:
         section = self.DEFAULT_SECTION if section is None else section
         if self.parser is None:
             raise ValueError("No configuration loaded")
+        self.read.add((section.lower(), option.lower()))
         if not self.parser.has_section(section.lower()):
             self.parser.add_section(section.lower())
         if option.upper() in os.environ:
@@ -153,6 +156,7 @@ class Config:
 
     def get(self, option: str, cast: Type[T] = str, section: Optional[str] = None) -> T:
         section = self.DEFAULT_SECTION if section is None else section
+        self.read.add((section.lower(), option.lower()))
         if not self.parser.has_section(section):
             raise KeyError(section)
         if not self.parser.has_option(section, option):

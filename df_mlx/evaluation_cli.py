@@ -7,6 +7,11 @@ Two modes, both through `df_mlx.evaluation_utils` (at parity with `df.evaluation
   model (default: the embedded DeepFilterNet3) and scored at the model rate, as df's
   `evaluation_loop` does (noisy scores included).
 
+The noisy scores of the two modes differ, as df's do: the first loads clean and noisy files at
+16 kHz; the second scores at the model's rate (DFN3: 48 kHz), with the clean and the noisy
+signals passed through the model's STFT and back (as the enhanced one is), and each metric
+resamples them to its own rate.
+
 Files pair up by name: an enhanced or noisy file matches a clean file with the same name, or
 `<clean stem>_<anything>` with the same extension (what `dfmlx enhance` writes with its model
 suffix), when that match is unique.
@@ -77,7 +82,13 @@ def format_means(means: Dict[str, float]) -> str:
               help="Metric worker processes (0: compute in this process).")
 @click.option("--log-level", default="ERROR", show_default=True)
 def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, csv_noisy, workers, log_level):
-    """Score enhanced audio against clean references (STOI, SI-SDR, PESQ, composite)."""
+    """Score enhanced audio against clean references (STOI, SI-SDR, PESQ, composite).
+
+    \b
+    CLEAN_DIR ENHANCED_DIR [-n NOISY_DIR]: files enhanced by anything, scored at 16 kHz.
+    CLEAN_DIR -n NOISY_DIR [-m MODEL]: the model enhances NOISY_DIR, scored at its rate
+    (DFN3: 48 kHz) against the clean audio after its STFT round trip, as df's
+    evaluation_loop does; so the noisy scores differ from those of the first mode."""
     from df_mlx import evaluation_utils as eu
     from df_mlx.logger import init_logger
 

@@ -48,6 +48,18 @@ class DuplicateFilter:
 _duplicate_filter = DuplicateFilter()
 
 
+def _above_progress_bars(stream):
+    """A sink writing to `stream` through tqdm.write, which lifts running progress bars off
+    their line first, so a log line never shares a line with a bar."""
+    from tqdm import tqdm
+
+    def write(message: str):
+        tqdm.write(message, end="", file=stream)
+        stream.flush()
+
+    return write
+
+
 def init_logger(file: Optional[str] = None, level: str = "INFO", model: Optional[str] = None):
     """Route loguru to stdout (and `file`); warn-once and deprecation messages go to stderr once."""
     global _logger_initialized
@@ -60,8 +72,8 @@ def init_logger(file: Optional[str] = None, level: str = "INFO", model: Optional
             log_format = Formatter(debug=logger.level(level).no <= logger.level("DEBUG").no).format
             special = {WARN_ONCE_NO, DEPRECATED_NO}
             logger.add(
-                sys.stdout, level=level, format=log_format,
-                filter=lambda r: r["level"].no not in special,
+                _above_progress_bars(sys.stdout), level=level, format=log_format,
+                filter=lambda r: r["level"].no not in special, colorize=sys.stdout.isatty(),
             )
             if file is not None:
                 logger.add(

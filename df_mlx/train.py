@@ -18,7 +18,11 @@ Different on purpose: the epoch functions take any object with libdfdata's loade
 (df_mlx.libdfdata.DataLoader; `BatchLoader` keeps batches in memory); checkpoints are safetensors (df_mlx.checkpoint);
 gradients come from `nn.value_and_grad`, which returns zeros, not None, for parameters the loss
 does not reach: `train_step` treats an all-zero gradient as None so that, as in torch, those
-parameters are neither decayed nor counted as stepped.
+parameters are neither decayed nor counted as stepped. `main(resume=False)` refuses a
+checkpoint directory that holds an earlier run (`start_over` moves it aside first); step logs
+count from 1 to the number of steps, as the progress bar does; the loops check for Ctrl-C
+between steps (df_mlx.interrupt); before the first epoch, df_mlx.config_check reports config
+settings nothing reads and loss sets that train neither the mask nor the DF decoder.
 """
 
 import glob
@@ -34,7 +38,7 @@ from loguru import logger
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from df_mlx import optim
+from df_mlx import config_check, interrupt, optim
 from df_mlx.checkpoint import check_patience, read_cp, write_cp
 from df_mlx.config import Csv, config
 from df_mlx.logger import log_metrics
@@ -322,13 +326,14 @@ def run_epoch(model, epoch: int, loader, split: str, opt: optim.Optimizer, losse
     model.train(is_train)
     losses.store_losses = debug or not is_train
     n_steps = loader.len(split)
-    max_steps = n_steps - 1
     start_steps = epoch * n_steps
     l_mem: List[mx.array] = []
     n_nans = 0
     batches = loader.iter_epoch(split, epoch if is_train else 42)
     for i, batch in enumerate(tqdm(batches, total=n_steps, desc=f"[{epoch}] {split}", disable=not progress,
                                    leave=False)):
+        interrupt.where = f"epoch {epoch}, {split} step {i + 1}/{n_steps}"
+        interrupt.check()
         apply_schedules(opt, start_steps + i, lr_scheduler_values, wd_scheduler_values)
         try:
             if is_train:
@@ -342,15 +347,16 @@ def run_epoch(model, epoch: int, loader, split: str, opt: optim.Optimizer, losse
             continue
         l_mem.append(mx.stop_gradient(err))
         if i % log_freq == 0:
-            _log_step(epoch, i, max_steps, l_mem, opt, losses, batch, outputs, summary_dir, split,
+            _log_step(epoch, i, n_steps, l_mem, opt, losses, batch, outputs, summary_dir, split,
                       lr_scheduler_values is not None, wd_scheduler_values is not None)
     if not l_mem:
         raise ValueError(f"{split} epoch {epoch}: no loss (no batches, or every batch was skipped as non-finite)")
     return float(mx.stack(l_mem).mean().item())
 
 
-def _log_step(epoch, i, max_steps, l_mem, opt, losses, batch, outputs, summary_dir, split, log_lr, log_wd):
-    """run_epoch's periodic log line (mean of the last 100 losses, lr, wd) and audio summary."""
+def _log_step(epoch, i, n_steps, l_mem, opt, losses, batch, outputs, summary_dir, split, log_lr, log_wd):
+    """run_epoch's periodic log line (mean of the last 100 losses, lr, wd) and audio summary.
+    Steps count from 1 to n_steps, as the progress bar does (df logs 0 to n_steps - 1)."""
     l_dict = {"loss": float(mx.stack(l_mem[-100:]).mean().item())}
     if log_lr:
         l_dict["lr"] = opt.param_groups[0]["lr"]
@@ -362,11 +368,12 @@ def _log_step(epoch, i, max_steps, l_mem, opt, losses, batch, outputs, summary_d
     if debug:
         bs = len(batch)
         l_dict.update({n: float(mx.stack(vals[-bs:]).mean().item()) for n, vals in losses.get_summaries()})
-    step = str(i).rjust(len(str(max_steps)))
-    log_metrics(f"[{epoch}] [{step}/{max_steps}]", l_dict)
+    step = str(i + 1).rjust(len(str(n_steps)))
+    log_metrics(f"[{epoch}] [{step}/{n_steps}]", l_dict)
     if summary_dir is not None and state is not None:
         enh, _, lsnr, _ = outputs
-        summary_write(batch.speech, batch.noisy, enh, batch.snr, lsnr, summary_dir, prefix=split)
+        with interrupt.writing():
+            summary_write(batch.speech, batch.noisy, enh, batch.snr, lsnr, summary_dir, prefix=split)
 
 
 def summary_write(clean, noisy, enh, snrs, lsnr, summary_dir: str, prefix="train", idx: Optional[int] = None):
@@ -419,7 +426,10 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
     criteria = config("VALIDATION_CRITERIA", "loss", section="train")
     rule = config("VALIDATION_CRITERIA_RULE", "min", section="train").replace("less", "min").replace("more", "max")
     patience = config("EARLY_STOPPING_PATIENCE", 5, int, section="train")
-    if config("START_EVAL", False, cast=bool, section="train"):
+    start_eval = config("START_EVAL", False, cast=bool, section="train")
+    config_check.warn_unread()
+    config_check.warn_untrained(losses)
+    if start_eval:
         val_loss = run_epoch(model, epoch - 1, loader, "valid", opt, losses, summary_dir, progress=progress)
         log_metrics(f"[{epoch - 1}] [valid]", _epoch_metrics(val_loss, losses))
     losses.reset_summaries()
@@ -437,26 +447,66 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
         if debug:
             metrics.update({n: float(mx.stack(v).mean().item()) for n, v in losses.get_summaries()})
         log_metrics(f"[{epoch}] [train]", metrics)
-        write_cp(model, "model", checkpoint_dir, epoch + 1)
-        write_cp(opt, "opt", checkpoint_dir, epoch + 1)
+        interrupt.where = f"epoch {epoch}, writing its checkpoints"
+        with interrupt.writing():
+            write_cp(model, "model", checkpoint_dir, epoch + 1)
+            write_cp(opt, "opt", checkpoint_dir, epoch + 1)
         losses.reset_summaries()
         metrics = _epoch_metrics(run_epoch(model, epoch, loader, "valid", opt, losses, summary_dir,
                                            progress=progress), losses)
-        write_cp(model, "model", checkpoint_dir, epoch + 1, metric=metrics[criteria], cmp=rule)
-        log_metrics(f"[{epoch}] [valid]", metrics)
-        if not check_patience(checkpoint_dir, max_patience=patience, new_metric=metrics[criteria], cmp=rule,
-                              raise_=False):
+        with interrupt.writing():  # the .best copy and .patience belong with the epoch's checkpoints
+            write_cp(model, "model", checkpoint_dir, epoch + 1, metric=metrics[criteria], cmp=rule)
+            log_metrics(f"[{epoch}] [valid]", metrics)
+            improving = check_patience(checkpoint_dir, max_patience=patience, new_metric=metrics[criteria], cmp=rule,
+                                       raise_=False)
+        if not improving:
             break
         if should_stop:  # df exits the process here: no test run
             logger.info("Stopping training due to timeout")
             return None, epoch
         losses.reset_summaries()
-    best = read_cp(model, "model", checkpoint_dir, epoch="best")
+    best = read_cp(model, "model", checkpoint_dir, epoch="best", log=False)
     epoch = 0 if best is None else best
+    logger.info(f"Testing {_tested_checkpoint(checkpoint_dir, best)}")
     test_loss = run_epoch(model, epoch, loader, "test", opt, losses, summary_dir, progress=progress)
     log_metrics(f"[{epoch}] [test]", _epoch_metrics(test_loss, losses))
     logger.info("Finished training")
     return test_loss, epoch
+
+
+def _tested_checkpoint(checkpoint_dir: str, epoch: Optional[int]) -> str:
+    """Which weights the test run evaluates, for the log: the file read_cp loaded."""
+    from df_mlx.checkpoint import EXTENSION
+
+    if epoch is None:
+        return "the untrained model (no checkpoint found)"
+    path = os.path.join(checkpoint_dir, f"model_{epoch}.{EXTENSION}")
+    return f"epoch {epoch}: {path + '.best' if os.path.isfile(path + '.best') else path}"
+
+
+def earlier_checkpoints(checkpoint_dir: str) -> List[str]:
+    """The training state a run left in `checkpoint_dir`: checkpoints of any network or
+    optimizer (model, opt, disc, d_opt, ...), their .best copies, and the .best / .patience
+    records."""
+    from df_mlx.checkpoint import EXTENSION
+
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    return sorted(n for n in os.listdir(checkpoint_dir)
+                  if n.endswith((f".{EXTENSION}", f".{EXTENSION}.best")) or n in (".best", ".patience"))
+
+
+def move_aside(checkpoint_dir: str) -> str:
+    """Rename `checkpoint_dir` to `<checkpoint_dir>.<UTC timestamp>` (never over an existing
+    path) so that a new run starts empty and the old one stays whole; returns the new name."""
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = f"{checkpoint_dir}.{stamp}", 1
+    while os.path.lexists(target):
+        target, n = f"{checkpoint_dir}.{stamp}-{n}", n + 1
+    os.rename(checkpoint_dir, target)
+    return target
 
 
 def resumable_epoch(checkpoint_dir: str) -> Optional[int]:
@@ -474,6 +524,13 @@ def resumable_epoch(checkpoint_dir: str) -> Optional[int]:
 
 class TrainSetupError(ValueError):
     """Arguments, config or data that stop training before its first step."""
+
+
+def setup_errors() -> tuple:
+    """The errors of bad arguments, configs or data, which `dfmlx train` reports in one line."""
+    from df_mlx.libdfdata import DatasetError
+
+    return TrainSetupError, DatasetError, FileNotFoundError, KeyError
 
 
 def get_sigusr1_handler(base_dir: str):
@@ -517,11 +574,16 @@ def setup_dataloader(data_config_file: str, data_dir: str, p: ModelParams, seed:
 
 
 def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = True, log_level: Optional[str] = None,
-         debug_: bool = False, progress: bool = True, loop: Optional[Callable] = None) -> Tuple[Optional[float], int]:
+         debug_: bool = False, progress: bool = True, loop: Optional[Callable] = None,
+         start_over: bool = False) -> Tuple[Optional[float], int]:
     """df.train's entry point: the model of `base_dir/config.ini` trained on the dataset config's
     HDF5 files in `data_dir`; checkpoints, summaries and train.log under `base_dir`, resuming
     from its latest checkpoint unless `resume` is False. Returns (test loss, best epoch).
-    `loop` (train_loop's signature) replaces train_loop (df_mlx.train_gan adds the discriminator)."""
+    `loop` (train_loop's signature) replaces train_loop (df_mlx.train_gan adds the discriminator).
+
+    Unlike df, `resume=False` refuses a checkpoint directory that holds an earlier run (df
+    trains into it, its history cleanup deletes the new epochs' files and the test run reads
+    the old run's best): `start_over` first moves those checkpoints aside (move_aside)."""
     import signal
 
     from df_mlx.checkpoint import load_model
@@ -534,6 +596,13 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
         raise TrainSetupError(f"Dataset config not found at {data_config_file}")
     if not os.path.isdir(data_dir):
         raise TrainSetupError(f"Data directory not found at {data_dir}")
+    checkpoint_dir = os.path.join(base_dir, "checkpoints")
+    resume = resume and not start_over
+    earlier = earlier_checkpoints(checkpoint_dir)
+    if earlier and not resume and not start_over:
+        raise TrainSetupError(
+            f"{checkpoint_dir} holds an earlier run ({len(earlier)} files): resume it (without --no-resume), "
+            "or pass --start-over to move it aside and train from scratch")
     os.makedirs(base_dir, exist_ok=True)
     summary_dir = os.path.join(base_dir, "summaries")
     os.makedirs(summary_dir, exist_ok=True)
@@ -542,6 +611,8 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
         raise TrainSetupError("Either specify debug or a manual log level")
     log_level = log_level or ("DEBUG" if debug else "INFO")
     init_logger(file=os.path.join(base_dir, "train.log"), level=log_level, model=base_dir)
+    if earlier and start_over:
+        logger.info(f"Starting over: the earlier run's checkpoints are now in {move_aside(checkpoint_dir)}")
     config_file = os.path.join(base_dir, "config.ini")
     config.load(config_file, allow_reload=True)
     seed = check_manual_seed(config("SEED", 42, int, section="train"))
@@ -549,7 +620,6 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
         signal.signal(signal.SIGUSR1, get_sigusr1_handler(base_dir))
     p = ModelParams()
     state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb, min_nb_erb_freqs=p.min_nb_freqs)
-    checkpoint_dir = os.path.join(base_dir, "checkpoints")
     os.makedirs(checkpoint_dir, exist_ok=True)
     mask_only = config("MASK_ONLY", False, bool, section="train")
     df_only = config("DF_ONLY", False, bool, section="train")

@@ -32,6 +32,7 @@ Different on purpose, where the fork's code cannot run or loses state:
 """
 
 import os
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional, Tuple, Union
@@ -42,7 +43,7 @@ import numpy as np
 from loguru import logger
 from mlx.utils import tree_flatten, tree_unflatten
 
-from df_mlx import optim
+from df_mlx import interrupt, optim
 from df_mlx import train as base
 from df_mlx.checkpoint import EXTENSION, read_cp, write_cp
 from df_mlx.config import Csv, config
@@ -53,6 +54,10 @@ from df_mlx.lr import cosine_scheduler
 from df_mlx.utils import as_real
 
 DISC_CP, DISC_OPT_CP = "disc", "d_opt"
+# Above this many parameters a discriminator is one of the fork's full-width sets (MPD 41.1M, MSD
+# 29.6M, the default CombinedDiscriminator 70.7M; an MPD of 2 periods has 8.2M): on a CPU, tens
+# of seconds per step of 2 x 0.5 s (README: Train).
+HEAVY_DISCRIMINATOR = 20_000_000
 
 
 class GanSetupError(base.TrainSetupError):
@@ -203,6 +208,7 @@ def gan_train_step(model, disc, opt: optim.Optimizer, opt_disc: optim.Optimizer,
         mx.eval(enh_wav)
         model.update(tree_unflatten(before))
         d_loss = train_discriminator_step(disc, opt_disc, gan, clean_wav, enh_wav)
+        interrupt.check()
 
     def total():
         err, outputs = base.forward_loss(model, losses, batch)
@@ -224,7 +230,21 @@ class GanTrainer:
     def __init__(self, disc, opt_disc: optim.Optimizer, gan: GanLoss, checkpoint_dir: str):
         self.disc, self.opt_disc, self.gan, self.checkpoint_dir = disc, opt_disc, gan, checkpoint_dir
         self.start_epoch = config("GAN_START_EPOCH", 0, int, section="train")
-        logger.info(f"GAN training enabled, starting at epoch {self.start_epoch}")
+        self.first_step_timed = False
+        n_params = sum(v.size for _, v in tree_flatten(disc.parameters()))
+        logger.info(f"GAN training enabled, starting at epoch {self.start_epoch}; discriminator "
+                    f"{type(disc).__name__} with {n_params / 1e6:.1f}M parameters")
+        if n_params > HEAVY_DISCRIMINATOR and mx.default_device() == mx.cpu:
+            logger.warning(
+                f"{type(disc).__name__} ({n_params / 1e6:.1f}M parameters, the fork's full width) is slow on a CPU: "
+                "one discriminator step on 2 x 0.5 s of 48 kHz audio took 18-80 s on 2 cores (README: Train), "
+                "[train] discriminator_type = mpd with mpd_periods = 2 about 2 s. The first step's time is logged.")
+
+    def _log_step_time(self, seconds: float, n_steps: int):
+        """The measured cost of GAN training, once, so that a slow discriminator is not silent."""
+        self.first_step_timed = True
+        logger.info(f"First GAN step (generator and discriminator): {seconds:.1f} s; {n_steps} steps per epoch: "
+                    f"about {seconds * n_steps / 60:.1f} min")
 
     def train_epoch(self, model, epoch: int, loader, split: str, opt: optim.Optimizer, losses: Loss,
                     summary_dir: Optional[str], lr_scheduler_values=None, wd_scheduler_values=None,
@@ -241,7 +261,10 @@ class GanTrainer:
             def gan_step(batch, i, it):
                 for group in self.opt_disc.param_groups:
                     group["lr"] = disc_lrs[it] * group.get("lr_scale", 1)
+                start = time.perf_counter()
                 result = gan_train_step(model, self.disc, opt, self.opt_disc, losses, self.gan, batch, i % freq == 0)
+                if not self.first_step_timed:
+                    self._log_step_time(time.perf_counter() - start, loader.len(split))
                 if result.d_loss is not None:
                     mem["gan_d"].append(result.d_loss)
                 mem["gan_g"].append(result.gan["total"])
@@ -253,8 +276,9 @@ class GanTrainer:
                               wd_scheduler_values, progress, step=step)
         if mem["gan_g"]:
             log_metrics(f"[{epoch}] [train GAN]", {k: float(mx.stack(v).mean().item()) for k, v in mem.items() if v})
-        write_cp(self.disc, DISC_CP, self.checkpoint_dir, epoch + 1)
-        write_cp(self.opt_disc, DISC_OPT_CP, self.checkpoint_dir, epoch + 1)
+        with interrupt.writing():  # kept to the model's history rule: [train] n_checkpoint_history
+            write_cp(self.disc, DISC_CP, self.checkpoint_dir, epoch + 1)
+            write_cp(self.opt_disc, DISC_OPT_CP, self.checkpoint_dir, epoch + 1)
         return loss
 
 
@@ -281,7 +305,8 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
 
 
 def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = True, log_level: Optional[str] = None,
-         debug_: bool = False, progress: bool = True) -> Tuple[Optional[float], int]:
+         debug_: bool = False, progress: bool = True, start_over: bool = False) -> Tuple[Optional[float], int]:
     """df_mlx.train.main with this module's train_loop (GAN training when the config enables it)."""
     loop = partial(train_loop, config_file=os.path.join(base_dir, "config.ini"))
-    return base.main(data_config_file, data_dir, base_dir, resume, log_level, debug_, progress, loop=loop)
+    return base.main(data_config_file, data_dir, base_dir, resume, log_level, debug_, progress, loop=loop,
+                     start_over=start_over)

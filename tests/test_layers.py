@@ -154,6 +154,8 @@ def test_grouped_gru_shapes_and_names():
         ((1, 9, 12, 8), (8, 1, 1, 8), (1, 2), (0, 0), (1, 1), 1),  # pointwise, strided
         ((1, 9, 12, 16), (16, 1, 3, 2), (1, 1), (0, 1), (1, 1), 8),  # many groups: per group
         ((1, 9, 12, 4), (4, 5, 5, 4), (1, 1), (2, 2), (1, 1), 1),  # large kernel: mx.conv2d
+        ((2, 60, 1, 16), (32, 41, 1, 4), (2, 1), (20, 0), (1, 1), 4),  # 41 taps, grouped: per-tap matmuls
+        ((1, 40, 3, 32), (32, 9, 2, 2), (4, 1), (4, 1), (1, 2), 16),  # both axes, strided, dilated
     ],
 )
 def test_conv2d_equals_mlx_convolution(x_shape, w_shape, stride, padding, dilation, groups):

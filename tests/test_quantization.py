@@ -26,9 +26,10 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 LAYER_ATOL = 1e-5
 MODEL_ATOL = 5e-5
 # Enhanced audio of the quantized DFN3 against the float DFN3 (3 s, speech at 5 dB SNR), SNR of
-# float over difference: measured 49.8 dB at 8 bits / group 64 and 20.9 dB at 4 bits / group 32;
-# the bounds leave 10 and 5 dB for other audio and BLAS builds.
-MIN_SNR_DB = {(8, 64): 40.0, (4, 32): 15.0}
+# float over difference: measured 49.8 dB at 8 bits / group 64 (the defaults), 14.1 dB at 4 bits
+# / group 64 and 20.9 dB at 4 bits / group 32; the bounds leave 10, 4 and 5 dB for other audio
+# and BLAS builds.
+MIN_SNR_DB = {(8, 64): 40.0, (4, 64): 10.0, (4, 32): 15.0}
 # Streaming against offline runs the same frames in other blocks: measured 0 here, tests/test_streaming.py
 # allows 2e-6 for matmul blocking and FFT sizes; the quantized model adds no rounding of its own.
 STREAM_ATOL = 2e-6

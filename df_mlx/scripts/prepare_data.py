@@ -197,4 +197,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    logger.remove()  # loguru's default handler prints DEBUG; LOGURU_LEVEL=DEBUG brings the per-file lines back
+    logger.add(sys.stderr, level=os.environ.get("LOGURU_LEVEL", "INFO"))
     sys.exit(main())
