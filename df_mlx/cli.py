@@ -1,11 +1,25 @@
 """The `dfmlx` command line."""
 
+import sys
+
 import click
 
+from df_mlx.interrupt import EXIT_CODE as INTERRUPTED_EXIT_CODE  # 130, where click's Abort gives 1
 from df_mlx.version import version
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C ends every subcommand with 130, as shells report it, once its outputs are cleaned up."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version or "unknown", prog_name="dfmlx")
 def main():
     """DeepFilterNet in MLX: convert, enhance and check against the PyTorch reference."""
