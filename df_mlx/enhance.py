@@ -1,7 +1,7 @@
 """Speech enhancement with a DeepFilterNet model, as `df.enhance`.
 
 `init_df` loads a converted model directory (or converts an upstream model directory on the
-fly when torch is installed; with no argument, the embedded pretrained DeepFilterNet3), and
+fly, torch-free; with no argument, the embedded pretrained DeepFilterNet3), and
 `enhance` runs the whole offline pipeline: STFT, features, model, attenuation limit, ISTFT.
 """
 
