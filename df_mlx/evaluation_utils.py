@@ -290,7 +290,7 @@ class Metric(ABC):
 
     def maybe_resample(self, x) -> np.ndarray:
         x = as_numpy(x)
-        return resample(x, self.source_sr, self.sr, method=RESAMPLE_METHOD) if self.resample else x
+        return resample(np.asarray(x), self.source_sr, self.sr, method=RESAMPLE_METHOD) if self.resample else x
 
     def _check(self, clean, other, fn):
         if np.shape(clean) != np.shape(other):
