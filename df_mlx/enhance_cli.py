@@ -114,7 +114,7 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
                 bar.update(chunk.shape[1])
             bar.close()
             tail = to_model.flush()
-            write(np.concatenate([stream.process(tail), stream.flush()], axis=1), final=True)
+            write(np.concatenate([stream.process(tail), stream.flush(pad=compensate_delay)], axis=1), final=True)
         if written == 0:
             raise InputError(f"{path}: too short to enhance (no samples after resampling)")
         os.replace(tmp, out_path)

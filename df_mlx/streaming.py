@@ -108,11 +108,12 @@ class StreamingEnhancer:
         return self._frames(np.concatenate([st.analysis(x[c : c + 1, :full], reset=False)
                                             for c, st in enumerate(self.channel_states)]))
 
-    def flush(self) -> np.ndarray:
+    def flush(self, pad: bool = True) -> np.ndarray:
         """Finish as offline `enhance(pad=True)` does: fft_size zero samples, then the
-        conv_lookahead zero feature frames; the stream is reset afterwards."""
+        conv_lookahead zero feature frames; or as `enhance(pad=False)`: the zero feature
+        frames only (the incomplete last hop dropped). The stream is reset afterwards."""
         channels = self.pending.shape[0] if self.pending is not None else 1
-        out = [self.process(np.zeros((channels, self.n_fft), np.float32))]
+        out = [self.process(np.zeros((channels, self.n_fft if pad else 0), np.float32))]
         out.append(self._estimate_and_output(None, extra_zero_frames=self.conv_la, final=True))
         self.reset()
         return np.concatenate(out, axis=1)
