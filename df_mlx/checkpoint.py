@@ -24,6 +24,9 @@ from loguru import logger
 from mlx.utils import tree_flatten
 
 from df_mlx.config import Csv, config
+from df_mlx.libdf import DF  # noqa: F401  (re-exported, as df.checkpoint)
+from df_mlx.model import init_model  # noqa: F401  (re-exported, as df.checkpoint)
+from df_mlx.utils import check_finite_module  # noqa: F401  (re-exported, as df.checkpoint)
 from df_mlx.version import version
 
 CONFIG_FILE = "config.ini"

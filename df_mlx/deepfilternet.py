@@ -10,10 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from loguru import logger
 
-from df_mlx.config import DfParams
+from df_mlx.config import DfParams, config  # noqa: F401  (re-exported, as df.deepfilternet)
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
 from df_mlx.modules import DfOp, GroupedGRU, GroupedLinear, Mask, Sequential, convkxf, erb_filterbanks
+from df_mlx.modules import erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternet)
 
 
 class ModelParams(DfParams):

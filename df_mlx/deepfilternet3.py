@@ -14,9 +14,10 @@ import numpy as np
 from loguru import logger
 
 import df_mlx.multiframe as MF
-from df_mlx.config import DfParams
+from df_mlx.config import Csv, DfParams, config  # noqa: F401  (re-exported, as df.deepfilternet3)
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
+from df_mlx.modules import as_complex, erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternet3)
 from df_mlx.modules import (
     ConstantPad2d,
     Conv2dNormAct,

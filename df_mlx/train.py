@@ -42,6 +42,10 @@ from df_mlx.loss import Istft, Loss
 from df_mlx.lr import cosine_scheduler
 from df_mlx.model import ModelParams
 from df_mlx.utils import as_complex, as_real, check_finite_module, get_norm_alpha, make_np
+from df_mlx.checkpoint import cleanup, load_model  # noqa: F401  (re-exported, as df.train)
+from df_mlx.libdf import DF  # noqa: F401  (re-exported, as df.train)
+from df_mlx.logger import init_logger, log_model_summary  # noqa: F401  (re-exported, as df.train)
+from df_mlx.utils import check_manual_seed, detach_hidden, get_device, get_host  # noqa: F401  (re-exported, as df.train)
 
 should_stop = False  # set by a caller's signal handler: stop after the current epoch
 debug = False

@@ -1,0 +1,115 @@
+"""df's names that would download, done offline: download_file, get_cache_dir,
+maybe_download_model / init_df by name, get_test_sample; and df's small helpers of
+df.enhance (parse_epoch_type, AudioDataset), types in and out, dtypes of save_audio."""
+
+import argparse
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from df_mlx import interop  # before mlx.core: df_mlx picks MLX's BLAS (df_mlx/_blas.py)
+import mlx.core as mx  # noqa: E402,I001
+from df_mlx.enhance import (AudioDataset, ModelNotFound, enhance, init_df, maybe_download_model,
+                            parse_epoch_type, save_audio)
+from df_mlx.io import get_test_sample, resample
+from df_mlx.utils import DownloadUnavailable, download_file, get_cache_dir
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """df's cache folder, redirected (get_cache_dir follows XDG_CACHE_HOME through platformdirs
+    or appdirs; with neither, ~/.cache, so HOME moves too)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = get_cache_dir()
+    assert str(tmp_path) in path and os.path.basename(path.rstrip("/")) == "DeepFilterNet"
+    return path
+
+
+def test_download_file_offline(tmp_path):
+    src = tmp_path / "src" / "noisy.wav"
+    src.parent.mkdir()
+    src.write_bytes(b"RIFF....")
+    out = tmp_path / "dl"
+    assert download_file(str(src), str(out)) == str(out / "noisy.wav")  # a local path is copied
+    assert (out / "noisy.wav").read_bytes() == b"RIFF...."
+    assert download_file(src.as_uri(), str(tmp_path / "dl2")) == str(tmp_path / "dl2" / "noisy.wav")
+    url = "https://example.org/models/noisy.wav"
+    assert download_file(url, str(out)) == str(out / "noisy.wav")  # already there: used as it is
+    with pytest.raises(DownloadUnavailable, match="does not download.*absent.wav"):
+        download_file("https://example.org/absent.wav", str(out))
+    archive = tmp_path / "src" / "M.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("M/config.ini", "[train]\n")
+    download_file(str(archive), str(out), extract=True)
+    assert (out / "M" / "config.ini").is_file() and not (out / "M.zip").exists() and archive.is_file()
+    kept = out / "K.zip"
+    kept.write_bytes(archive.read_bytes())
+    download_file("https://example.org/K.zip", str(out), extract=True)
+    assert kept.is_file()  # a file df-mlx did not write is never removed
+    with pytest.raises(ValueError, match="only .zip"):
+        download_file(str(src), str(out), extract=True)
+
+
+def test_models_by_name(cache, tmp_path):
+    embedded = maybe_download_model("DeepFilterNet3")
+    assert os.path.isfile(os.path.join(embedded, "model.safetensors"))
+    assert maybe_download_model("DeepFilterNet3.zip") == embedded
+    for name in ("DeepFilterNet", "DeepFilterNet2"):
+        with pytest.raises(ModelNotFound, match=f"dfmlx convert path/to/{name}"):
+            init_df(name, log_file=None)
+    cached = os.path.join(cache, "DeepFilterNet2")
+    os.makedirs(os.path.join(cached, "checkpoints"))
+    assert maybe_download_model("DeepFilterNet2") == cached  # what df downloaded there
+
+
+def test_get_test_sample(cache, monkeypatch):
+    monkeypatch.setattr("df_mlx.io.get_git_root", lambda: None)
+    with pytest.raises(DownloadUnavailable, match="clean_freesound_33711.wav"):
+        get_test_sample()
+    os.makedirs(cache, exist_ok=True)
+    audio, sr = sf.read(os.path.join(DATA, "speech_espeak_48k.wav"), dtype="float32")
+    sf.write(os.path.join(cache, "clean_freesound_33711.wav"), audio[:4800], sr)
+    sample = get_test_sample(16000)
+    assert isinstance(sample, mx.array) and sample.shape == (1, 1600)
+
+
+def test_parse_epoch_type_and_dataset():
+    assert parse_epoch_type("7") == 7 and parse_epoch_type("latest") == "latest"
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_epoch_type("worst")
+    ds = AudioDataset([os.path.join(DATA, "speech_espeak_48k.wav")], 16000)
+    fn, audio, sr = ds[0]
+    assert len(ds) == 1 and fn.endswith("speech_espeak_48k.wav") and sr == 48000 and audio.shape[0] == 1
+
+
+def test_types_in_types_out(tmp_path):
+    torch = pytest.importorskip("torch")
+    model, df_state, _ = init_df(log_file=None, log_level="ERROR")
+    audio = np.random.default_rng(0).standard_normal((1, 9600)).astype(np.float32) * 0.1
+    out_np = enhance(model, df_state, audio)
+    out_mx = enhance(model, df_state, mx.array(audio))
+    out_t = enhance(model, df_state, torch.from_numpy(audio))
+    assert isinstance(out_np, np.ndarray) and isinstance(out_mx, mx.array) and isinstance(out_t, torch.Tensor)
+    np.testing.assert_array_equal(np.array(out_mx), out_np)
+    np.testing.assert_array_equal(out_t.numpy(), out_np)
+    assert isinstance(resample(out_mx, 48000, 16000), mx.array)
+    assert isinstance(resample(out_np, 48000, 16000), np.ndarray)
+    for dtype, subtype in ((torch.int16, "PCM_16"), (mx.int16, "PCM_16"), (np.int16, "PCM_16"),
+                           (torch.float32, "FLOAT"), (mx.float32, "FLOAT"), ("float32", "FLOAT")):
+        path = save_audio(str(tmp_path / "x.wav"), out_t, 48000, dtype=dtype)
+        assert sf.info(path).subtype == subtype, dtype
+    assert interop.kind_of([1.0]) == interop.NUMPY
+
+
+def test_pcm16_truncates_like_df(tmp_path):
+    """df writes (x * 2^15).to(int16): truncation toward zero, not rounding."""
+    x = np.array([[0.99999, -0.99999, 0.5 / 32768 * 1.9, -1.9 / 32768, 0.0]], np.float32)
+    path = save_audio(str(tmp_path / "t.wav"), x, 48000)
+    got = sf.read(path, dtype="int16", always_2d=True)[0].T
+    np.testing.assert_array_equal(got, [[32767, -32767, 0, -1, 0]])
