@@ -15,7 +15,8 @@ import mlx.core as mx
 import numpy as np
 from loguru import logger
 
-from df_mlx.checkpoint import EXTENSION, is_model_dir, load_model, load_model_dir
+from df_mlx.checkpoint import (is_model_dir, is_training_dir, load_model_dir, load_training_dir, maybe_post_filter,
+                               no_checkpoint)
 from df_mlx.checkpoint import load_model as load_model_cp  # noqa: F401  (df's name for it)
 from df_mlx.config import config
 from df_mlx.interop import kind_of, like, to_numpy
@@ -75,44 +76,6 @@ def parse_epoch_type(value: str) -> Union[int, str]:
         return value
 
 
-def _no_checkpoint(epoch) -> bool:
-    """df's rule: epoch None or "none" builds the model without loading a checkpoint."""
-    return epoch is None or (isinstance(epoch, str) and epoch.lower() == "none")
-
-
-def _maybe_post_filter(post_filter: bool):
-    if post_filter:
-        config.set("mask_pf", True, bool, ModelParams().section)
-        logger.info("Running with post-filter")
-
-
-def is_training_dir(model_base_dir: str) -> bool:
-    """A `dfmlx train` base directory: config.ini and safetensors checkpoints/model_*."""
-    import glob
-
-    return os.path.isfile(os.path.join(model_base_dir, "config.ini")) and bool(
-        glob.glob(os.path.join(model_base_dir, "checkpoints", f"model_*.{EXTENSION}*")))
-
-
-def load_training_dir(model_base_dir: str, epoch: Union[str, int, None] = "best", post_filter: bool = False,
-                      mask_only: bool = False, config_allow_defaults: bool = True):
-    """The model of a training directory at `epoch` (best, latest or a number; best falls back
-    to latest), as df's init_df loads its own model directories; its config becomes global.
-    With epoch None or "none" (any model directory) the model is built untrained, as df's."""
-    config.load(os.path.join(model_base_dir, "config.ini"), config_must_exist=True,
-                allow_defaults=config_allow_defaults, allow_reload=True)
-    _maybe_post_filter(post_filter)
-    p = ModelParams()
-    df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
-                  min_nb_erb_freqs=p.min_nb_freqs)
-    mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
-    cp_dir = None if _no_checkpoint(epoch) else os.path.join(model_base_dir, "checkpoints")
-    model, found = load_model(cp_dir, df_state, mask_only=mask_only, epoch=epoch)
-    logger.info(f"Loaded checkpoint of epoch {found} from {model_base_dir}")
-    model.eval()
-    return model
-
-
 def _converted_dir(model_base_dir: str, epoch) -> Tuple[str, Optional[tempfile.TemporaryDirectory]]:
     """A converted-model directory for `model_base_dir`: itself, or an upstream model
     directory converted into a temporary one."""
@@ -135,7 +98,7 @@ def _load_model_dir(model_base_dir: str, epoch, post_filter: bool, mask_only: bo
     try:
         config.load(os.path.join(model_dir, "config.ini"), config_must_exist=True,
                     allow_defaults=config_allow_defaults, allow_reload=True)
-        _maybe_post_filter(post_filter)
+        maybe_post_filter(post_filter)
         mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
         model, _ = load_model_dir(model_dir, run_df=not mask_only, load_config=False)
     finally:
@@ -167,7 +130,7 @@ def init_df(
     init_logger(file=log_file, level=log_level, model=model_base_dir)
     if use_default_model:
         logger.info(f"Using {default_model} model at {model_base_dir}")
-    if _no_checkpoint(epoch) or is_training_dir(model_base_dir):
+    if no_checkpoint(epoch) or is_training_dir(model_base_dir):
         model = load_training_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
     else:
         model = _load_model_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
