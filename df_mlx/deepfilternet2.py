@@ -14,6 +14,7 @@ from loguru import logger
 import df_mlx.deepfilternet3 as dfn3
 import df_mlx.multiframe as MF
 from df_mlx.config import Csv, DfParams, config  # noqa: F401  (re-exported, as df.deepfilternet2)
+from df_mlx.interop import TorchModuleCalls
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
 from df_mlx.logger import log_deprecated
@@ -199,7 +200,7 @@ class DfDecoderLinear(_DfPathway):
         return c.reshape(b, t, self.df_order, 2, self.df_bins).swapaxes(3, 4), alpha
 
 
-class DfNet(nn.Module):
+class DfNet(TorchModuleCalls, nn.Module):
     def __init__(self, erb_fb: mx.array, erb_inv_fb: mx.array, run_df: bool = True, train_mask: bool = True):
         super().__init__()
         p = ModelParams()

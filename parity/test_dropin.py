@@ -282,3 +282,30 @@ def test_init_df_epoch_and_mode_like_df(setup):
         weights = mlx_state_dict(fresh)
         assert set(weights) == set(ref_fresh.state_dict())
         assert not np.array_equal(weights["enc.erb_conv0.1.weight"], trained["enc.erb_conv0.1.weight"])
+
+
+def test_torch_module_calls(setup):
+    """The torch.nn.Module calls of df users' code: to/cpu/eval/train return the model,
+    named_parameters is torch's parameters() by name, state_dict and load_state_dict speak
+    torch's names and layout both ways."""
+    from df_mlx.enhance import init_df
+
+    _, upstream, _ = setup
+    ref_model, _, _ = _ref_model(upstream, epoch=1)
+    model, _, _ = init_df(log_file=None)
+    assert model.to("cpu") is model and model.cpu() is model and model.to(torch.device("cpu"), torch.float32) is model
+    assert model.eval() is model and not model.training and model.train() is model and model.training
+    with pytest.raises(TypeError, match="float32"):
+        model.to(torch.float16)
+    ours = dict(model.named_parameters())
+    theirs = dict(ref_model.named_parameters())
+    assert set(ours) == set(theirs) and sum(v.size for v in ours.values()) == sum(p.numel() for p in theirs.values())
+    model.load_state_dict(ref_model.state_dict())  # torch tensors in torch layout
+    back = model.state_dict()
+    ref_state = ref_model.state_dict()
+    assert set(back) == set(ref_state)
+    for k, v in ref_state.items():
+        np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+    ref_model.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+    with pytest.raises(ValueError, match="strict=False"):
+        model.load_state_dict(ref_state, strict=False)
