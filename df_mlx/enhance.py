@@ -1,69 +1,32 @@
 """Speech enhancement with a DeepFilterNet model, as `df.enhance`.
 
-`init_df` loads a converted model directory (or converts an upstream model directory on the
-fly, torch-free; with no argument, the embedded pretrained DeepFilterNet3), and
-`enhance` runs the whole offline pipeline: STFT, features, model, attenuation limit, ISTFT.
+`init_df` (from df_mlx.loading) loads a converted model directory (or converts an upstream
+model directory on the fly, torch-free; with no argument, the embedded pretrained
+DeepFilterNet3), and `enhance` runs the whole offline pipeline: STFT, features, model,
+attenuation limit, ISTFT. `main`/`run` are df's command line, on `dfmlx enhance`'s machinery.
 """
 
 import argparse
 import os
-import tempfile
-from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 from loguru import logger
 
-from df_mlx.checkpoint import (is_model_dir, is_training_dir, load_model_dir, load_training_dir, maybe_post_filter,
-                               no_checkpoint)
 from df_mlx.checkpoint import load_model as load_model_cp  # noqa: F401  (df's name for it)
-from df_mlx.config import config
+from df_mlx.config import config  # noqa: F401  (df.enhance's name)
 from df_mlx.interop import kind_of, like, to_numpy
 from df_mlx.io import load_audio, resample, save_audio  # noqa: F401  (df.enhance re-exports them)
 from df_mlx.libdf import DF, erb, erb_norm, unit_norm  # noqa: F401
 from df_mlx.libdfdata import noisy_features
-from df_mlx.logger import init_logger
+from df_mlx.loading import (DEFAULT_MODEL, PRETRAINED_MODELS, ModelNotFound, get_model_basedir,  # noqa: F401
+                            init_df, maybe_download_model)
+from df_mlx.logger import init_logger  # noqa: F401  (df.enhance's name)
 from df_mlx.model import ModelParams
-from df_mlx.streaming import StreamingEnhancer, why_not_streamable
+from df_mlx.streaming import BLOCK_SECONDS, StreamingEnhancer, why_not_streamable
 from df_mlx.utils import as_complex, as_real, download_file, get_cache_dir, get_device, get_norm_alpha  # noqa: F401
 from df_mlx.version import version
-
-PRETRAINED_MODELS = ("DeepFilterNet", "DeepFilterNet2", "DeepFilterNet3")  # the names df knows
-EMBEDDED_MODELS = ("DeepFilterNet3",)  # the ones df-mlx carries (recovered from the ONNX release)
-DEFAULT_MODEL = "DeepFilterNet3"
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-
-
-class ModelNotFound(FileNotFoundError):
-    """A pretrained model by name that is neither embedded nor in df's cache; df would download it."""
-
-
-def maybe_download_model(name: str = DEFAULT_MODEL) -> str:
-    """A pretrained model's directory, as df's: the embedded one (DeepFilterNet3), else df's
-    cache folder `<get_cache_dir()>/<name>` when a model is there (what df downloaded: an
-    upstream directory, converted on load). df-mlx never downloads; anything else is an error
-    that says how to get the model."""
-    name = name.removesuffix(".zip")
-    if name in EMBEDDED_MODELS:
-        path = PRETRAINED_DIR / name
-        if not is_model_dir(path):
-            raise FileNotFoundError(f"the embedded {name} model is missing from {PRETRAINED_DIR}")
-        return str(path)
-    cached = os.path.join(get_cache_dir(), name)
-    if os.path.isfile(os.path.join(cached, "config.ini")) or os.path.isdir(os.path.join(cached, "checkpoints")):
-        return cached
-    raise ModelNotFound(
-        f"{name} is not embedded in df-mlx (only {', '.join(EMBEDDED_MODELS)}) and df-mlx does not download "
-        f"models: get upstream's models/{name}.zip from the DeepFilterNet repository, unpack it and pass its "
-        f"folder (init_df('path/to/{name}') or -m), or convert it once with `dfmlx convert path/to/{name}`, "
-        f"or unpack it into {cached}")
-
-
-def get_model_basedir(m: Optional[str]) -> str:
-    """A pretrained model's name -> its directory (see maybe_download_model); anything else is a path."""
-    m = m or DEFAULT_MODEL
-    return maybe_download_model(m) if m in PRETRAINED_MODELS else m
 
 
 def parse_epoch_type(value: str) -> Union[int, str]:
@@ -74,81 +37,6 @@ def parse_epoch_type(value: str) -> Union[int, str]:
         if value not in ("best", "latest"):
             raise argparse.ArgumentTypeError(f"epoch must be best, latest or an integer, got {value!r}") from None
         return value
-
-
-def _converted_dir(model_base_dir: str, epoch) -> Tuple[str, Optional[tempfile.TemporaryDirectory]]:
-    """A converted-model directory for `model_base_dir`: itself, or an upstream model
-    directory converted into a temporary one."""
-    if is_model_dir(model_base_dir):
-        return model_base_dir, None
-    if not os.path.isfile(os.path.join(model_base_dir, "config.ini")):
-        raise FileNotFoundError(f"no model at {model_base_dir} (needs config.ini and model.safetensors, "
-                                "or an upstream config.ini + checkpoints/)")
-    from converters.convert import convert
-
-    tmp = tempfile.TemporaryDirectory(prefix="dfmlx-")
-    out = os.path.join(tmp.name, "model")
-    convert(model_base_dir, out, epoch=epoch)
-    return out, tmp
-
-
-def _load_model_dir(model_base_dir: str, epoch, post_filter: bool, mask_only: bool, config_allow_defaults: bool):
-    """The model of a converted (or, converted on the fly, an upstream) model directory."""
-    model_dir, tmp = _converted_dir(model_base_dir, epoch)
-    try:
-        config.load(os.path.join(model_dir, "config.ini"), config_must_exist=True,
-                    allow_defaults=config_allow_defaults, allow_reload=True)
-        maybe_post_filter(post_filter)
-        mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
-        model, _ = load_model_dir(model_dir, run_df=not mask_only, load_config=False)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return model
-
-
-def init_df(
-    model_base_dir: Optional[str] = None,
-    post_filter: bool = False,
-    log_level: str = "INFO",
-    log_file: Optional[str] = "enhance.log",
-    config_allow_defaults: bool = True,
-    epoch: Union[str, int, None] = "best",
-    default_model: str = DEFAULT_MODEL,
-    mask_only: bool = False,
-):
-    """Load config, model and DF state. Returns (model, df_state, suffix); the suffix is the
-    model directory's name (+ "_pf" with the post-filter), for naming enhanced files. As df's,
-    `epoch` None or "none" gives an untrained model, and the model comes back in train mode
-    (torch modules start in it and df's init_df leaves it; `enhance` switches to eval)."""
-    use_default_model = model_base_dir is None or model_base_dir in PRETRAINED_MODELS
-    model_base_dir = get_model_basedir(model_base_dir or default_model)
-    if not os.path.isdir(model_base_dir):
-        raise NotADirectoryError(f"Base directory not found at {model_base_dir}")
-    writable = not use_default_model and os.access(model_base_dir, os.W_OK)
-    log_file = os.path.join(model_base_dir, log_file) if log_file is not None and writable else None
-    init_logger(file=log_file, level=log_level, model=model_base_dir)
-    if use_default_model:
-        logger.info(f"Using {default_model} model at {model_base_dir}")
-    if no_checkpoint(epoch) or is_training_dir(model_base_dir):
-        model = load_training_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
-    else:
-        model = _load_model_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
-    p = ModelParams()
-    df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
-                  min_nb_erb_freqs=p.min_nb_freqs)
-    model.train()
-    suffix = os.path.basename(os.path.abspath(model_base_dir)) + ("_pf" if post_filter else "")
-    logger.info(f"Running on device {get_device()}")
-    logger.info("Model loaded")
-    return model, df_state, suffix
-
-
-# Longer inputs run through StreamingEnhancer in blocks of this length, which gives the
-# whole-signal result within float32 rounding (tests/test_streaming.py) in bounded memory;
-# whole, a minute's feature maps are 150 MB each, and MLX's CPU build, which keeps only 32 MB
-# of freed buffers for reuse, takes fresh pages from the OS for every op (25 % slower per frame).
-BLOCK_SECONDS = 10.0
 
 
 def _enhance_in_blocks(model, df_state: DF, audio: np.ndarray, atten_lim_db: Optional[float]) -> np.ndarray:

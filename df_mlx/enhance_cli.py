@@ -58,9 +58,8 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
     """Enhance one file into `out_path` (atomically); returns its duration in seconds."""
     from tqdm import tqdm
 
-    from df_mlx.enhance import BLOCK_SECONDS
     from df_mlx.io import Resampler, to_pcm16
-    from df_mlx.streaming import StreamingEnhancer
+    from df_mlx.streaming import BLOCK_SECONDS, StreamingEnhancer
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
@@ -165,7 +164,7 @@ def enhance_cmd(inputs, noisy_dir, output_dir, model_dir, epoch, atten_lim, pf, 
     """Enhance noisy audio files (any sample rate, any number of channels)."""
     from tqdm import tqdm
 
-    from df_mlx.enhance import init_df
+    from df_mlx.loading import init_df
     from df_mlx.io import output_path
 
     if noisy_dir is not None and inputs:

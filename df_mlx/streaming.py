@@ -33,6 +33,13 @@ def _streamable_layers(model):
                 raise ValueError(f"{name}: a time padding of {module.padding} cannot stream")
 
 
+# enhance() and `dfmlx enhance` run longer inputs through StreamingEnhancer in blocks of this
+# length, which gives the whole-signal result within float32 rounding (tests/test_streaming.py)
+# in bounded memory;
+# whole, a minute's feature maps are 150 MB each, and MLX's CPU build, which keeps only 32 MB
+# of freed buffers for reuse, takes fresh pages from the OS for every op (25 % slower per frame).
+BLOCK_SECONDS = 10.0
+
 # Calls of up to this many frames run the network as one compiled MLX graph: a 10 ms hop is
 # ~600 small ops whose fixed cost dominates, and replaying the compiled graph fuses them and skips
 # building it in Python (about 20 % less time per hop on a 2-core x86 CPU, identical output).

@@ -260,7 +260,7 @@ def test_init_df_epoch_and_mode_like_df(setup):
     from df_mlx.enhance import df_features, init_df
 
     _, upstream, noisy = setup
-    ref_model, ref_state, _ = _ref_model(upstream, epoch=1)
+    ref_model, ref_state, _ = import_ref("enhance").init_df(str(upstream), epoch=1, log_file=None, log_level="ERROR")
     model, df_state, suffix = init_df(str(upstream), epoch=1, log_file=None)
     assert suffix == "DeepFilterNet3" and model.training == ref_model.training is True
     theirs = {k: v.detach().numpy() for k, v in ref_model.state_dict().items()}
