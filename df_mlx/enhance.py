@@ -19,12 +19,11 @@ from df_mlx.config import config  # noqa: F401  (df.enhance's name)
 from df_mlx.interop import kind_of, like, to_numpy
 from df_mlx.io import load_audio, resample, save_audio  # noqa: F401  (df.enhance re-exports them)
 from df_mlx.libdf import DF, erb, erb_norm, unit_norm  # noqa: F401
-from df_mlx.libdfdata import noisy_features
 from df_mlx.loading import (DEFAULT_MODEL, PRETRAINED_MODELS, ModelNotFound, get_model_basedir,  # noqa: F401
                             init_df, maybe_download_model)
 from df_mlx.logger import init_logger  # noqa: F401  (df.enhance's name)
-from df_mlx.model import ModelParams
-from df_mlx.streaming import BLOCK_SECONDS, StreamingEnhancer, why_not_streamable
+from df_mlx.model import ModelParams  # noqa: F401  (df.enhance's name)
+from df_mlx.offline import df_features, enhance_offline  # noqa: F401  (df_features: df's name)
 from df_mlx.utils import as_complex, as_real, download_file, get_cache_dir, get_device, get_norm_alpha  # noqa: F401
 from df_mlx.version import version
 
@@ -39,61 +38,14 @@ def parse_epoch_type(value: str) -> Union[int, str]:
         return value
 
 
-def _enhance_in_blocks(model, df_state: DF, audio: np.ndarray, atten_lim_db: Optional[float]) -> np.ndarray:
-    """enhance(pad=True) of audio [C, T] through a StreamingEnhancer, block by block."""
-    stream = StreamingEnhancer(model, df_state, atten_lim_db, compile_hops=False)
-    block = int(BLOCK_SECONDS * df_state.sr())
-    parts = [stream.process(audio[:, i : i + block]) for i in range(0, audio.shape[1], block)]
-    out = np.concatenate(parts + [stream.flush()], axis=1)
-    delay = df_state.fft_size() - df_state.hop_size()
-    return out[:, delay : delay + audio.shape[1]]
-
-
-def df_features(audio, df: DF, nb_df: int, device=None) -> Tuple[mx.array, mx.array, mx.array]:
-    """Audio [C, T] -> spec [C, 1, T', F, 2], ERB features [C, 1, T', E], normalised complex
-    features [C, 1, T', nb_df, 2], exactly as df computes them with libdf."""
-    spec = df.analysis(np.asarray(audio, dtype=np.float32))
-    erb_feat, spec_feat = noisy_features(spec, df.erb_widths(), nb_df, get_norm_alpha(False))
-    return mx.array(_as_real(spec)[:, None]), mx.array(erb_feat[:, None]), mx.array(_as_real(spec_feat)[:, None])
-
-
-def _as_real(x: np.ndarray) -> np.ndarray:
-    return np.stack([x.real, x.imag], axis=-1).astype(np.float32)
-
-
 def enhance(model, df_state: DF, audio, pad=True, atten_lim_db: Optional[float] = None):
     """Enhance audio [C, T] at the model's rate. With `pad` the output is aligned with the
     input and has its length (the STFT delay fft_size - hop_size is compensated); an
     attenuation limit (dB) mixes the noisy spectrum back in. Inputs longer than BLOCK_SECONDS
-    run in blocks (see there) when the model streams. The result is of the input's kind:
+    run in blocks (df_mlx.offline) when the model streams. The result is of the input's kind:
     torch tensor, MLX array or numpy array (df_mlx.interop)."""
     kind = kind_of(audio)
-    return like(np.asarray(_enhance(model, df_state, to_numpy(audio).astype(np.float32), pad, atten_lim_db)), kind)
-
-
-def _enhance(model, df_state: DF, audio: np.ndarray, pad: bool, atten_lim_db: Optional[float]) -> mx.array:
-    model.eval()
-    orig_len = audio.shape[-1]
-    n_fft, hop = df_state.fft_size(), df_state.hop_size()
-    if pad and audio.ndim == 2 and orig_len > BLOCK_SECONDS * df_state.sr() and why_not_streamable(model) is None:
-        return mx.array(_enhance_in_blocks(model, df_state, audio, atten_lim_db))
-    if pad:
-        audio = np.pad(audio, ((0, 0), (0, n_fft)))
-    nb_df = getattr(model, "nb_df", getattr(model, "df_bins", ModelParams().nb_df))
-    spec, erb_feat, spec_feat = df_features(audio, df_state, nb_df)
-    enhanced = np.array(model(spec, erb_feat, spec_feat)[0])[:, 0]
-    enhanced = enhanced[..., 0] + 1j * enhanced[..., 1]
-    if atten_lim_db is not None and abs(atten_lim_db) > 0:
-        lim = 10 ** (-abs(atten_lim_db) / 20)
-        noisy = np.array(spec)[:, 0]
-        enhanced = (noisy[..., 0] + 1j * noisy[..., 1]) * lim + enhanced * (1 - lim)
-    out = df_state.synthesis(enhanced.astype(np.complex64))
-    if pad:
-        if n_fft % hop != 0:
-            raise ValueError(f"delay compensation needs fft_size % hop_size == 0, got {n_fft}, {hop}")
-        d = n_fft - hop
-        out = out[:, d : orig_len + d]
-    return mx.array(out)
+    return like(np.asarray(enhance_offline(model, df_state, to_numpy(audio).astype(np.float32), pad, atten_lim_db)), kind)
 
 
 class AudioDataset:

@@ -59,7 +59,8 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
     from tqdm import tqdm
 
     from df_mlx.io import Resampler, to_pcm16
-    from df_mlx.streaming import BLOCK_SECONDS, StreamingEnhancer
+    from df_mlx.offline import file_stream
+    from df_mlx.streaming import BLOCK_SECONDS
 
     if not os.path.isfile(path):
         raise InputError(f"{path}: file not found")
@@ -73,7 +74,7 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
     if sr <= 0:
         raise InputError(f"{path}: invalid sample rate {sr}")
     to_model, from_model = Resampler(sr, model_sr), Resampler(model_sr, sr)
-    stream = StreamingEnhancer(model, df_state, atten_lim_db, compile_hops=False)  # 10 s blocks
+    stream = file_stream(model, df_state, atten_lim_db)  # 10 s blocks (whole for models that cannot stream)
     skip = df_state.fft_size() - df_state.hop_size() if compensate_delay else 0
     block = max(1, int(BLOCK_SECONDS * sr))
     out_dir = os.path.dirname(os.path.abspath(out_path))

@@ -44,7 +44,7 @@ def test_enhance(real_audio, pad, atten, block_seconds, monkeypatch):
     import libdf
 
     if block_seconds is not None:
-        monkeypatch.setattr(mlx_enhance, "BLOCK_SECONDS", block_seconds)
+        monkeypatch.setattr("df_mlx.offline.BLOCK_SECONDS", block_seconds)
 
     ref_model, mlx_model, p = twin_models("deepfilternet3", VARIANTS["deepfilternet3"][0])
     ref_state = libdf.DF(p.sr, p.fft_size, p.hop_size, p.nb_erb, p.min_nb_freqs)

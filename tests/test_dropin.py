@@ -113,3 +113,36 @@ def test_pcm16_truncates_like_df(tmp_path):
     path = save_audio(str(tmp_path / "t.wav"), x, 48000)
     got = sf.read(path, dtype="int16", always_2d=True)[0].T
     np.testing.assert_array_equal(got, [[32767, -32767, 0, -1, 0]])
+
+
+def test_models_that_cannot_stream_enhance_whole(tmp_path):
+    """A model without streaming support (DeepFilterNet2) enhances files whole, with
+    `enhance()`'s result; delay compensation on and off."""
+    from click.testing import CliRunner
+
+    from converters.layout import mlx_state_dict
+    from df_mlx.config import config
+    from df_mlx.deepfilternet2 import init_model
+    from df_mlx.io import to_pcm16
+    from df_mlx.streaming import why_not_streamable
+    from converters.torch_ckpt import write_state_dict
+    from df_mlx.cli import main
+
+    pytest.importorskip("torch")
+    config.use_defaults(allow_reload=True)
+    src = tmp_path / "DFN2"
+    (src / "checkpoints").mkdir(parents=True)
+    (src / "config.ini").write_text("[train]\nmodel = deepfilternet2\n")
+    write_state_dict(mlx_state_dict(init_model()), src / "checkpoints" / "model_1.ckpt")
+    rng = np.random.default_rng(0)
+    noisy = (rng.standard_normal((1, 24000)) * 0.05).astype(np.float32)
+    sf.write(tmp_path / "n.wav", noisy.T, 48000, subtype="FLOAT")
+    model, df_state, _ = init_df(str(src), log_file=None, log_level="ERROR")
+    assert why_not_streamable(model) is not None
+    for flag, pad in (("--compensate-delay", True), ("--no-compensate-delay", False)):
+        out = tmp_path / f"out_{pad}"
+        result = CliRunner().invoke(main, ["enhance", str(tmp_path / "n.wav"), "-m", str(src), "-o", str(out), flag])
+        assert result.exit_code == 0, result.output
+        got = sf.read(out / "n_DFN2.wav", dtype="int16", always_2d=True)[0].T
+        want = to_pcm16(np.array(enhance(model, df_state, noisy, pad=pad)))
+        assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
