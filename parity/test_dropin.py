@@ -176,6 +176,7 @@ def test_python_m_df_mlx_enhance(setup, tmp_path):
     cmd = [sys.executable, "-m", "df_mlx.enhance", str(a), "-o", str(out), "-d"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "RuntimeWarning" not in result.stderr  # runpy's, about df_mlx/__init__ importing the module
     assert ":init_logger:" in result.stdout  # -d is df's --debug: the debug log format names the function
     _assert_same_file(out / "a48_DeepFilterNet3.wav", _df_file(a, upstream))
     version = subprocess.run([sys.executable, "-m", "df_mlx.enhance", "-v"], capture_output=True, text=True,

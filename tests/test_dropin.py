@@ -146,3 +146,16 @@ def test_models_that_cannot_stream_enhance_whole(tmp_path):
         got = sf.read(out / "n_DFN2.wav", dtype="int16", always_2d=True)[0].T
         want = to_pcm16(np.array(enhance(model, df_state, noisy, pad=pad)))
         assert got.shape == want.shape and np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_console_script_is_dfs_cli():
+    """`deepFilter-mlx` (named apart from upstream's `deepFilter`, which may be installed too)
+    runs df_mlx.enhance.run, df's command line."""
+    import importlib
+    import tomllib
+
+    with open(os.path.join(os.path.dirname(DATA), "..", "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["deepFilter-mlx"] == "df_mlx.enhance:run" and "deepFilter" not in scripts
+    module, name = scripts["deepFilter-mlx"].split(":")
+    assert callable(getattr(importlib.import_module(module), name))
