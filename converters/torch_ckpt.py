@@ -74,6 +74,8 @@ class _Tensor:
             last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
             if last >= flat.size:
                 raise pickle.UnpicklingError("a tensor reaches past the end of its storage")
+            if int(np.prod(self.size, dtype=object)) > flat.size:  # overlapping strides: a copy could be any size
+                raise pickle.UnpicklingError("a tensor has more elements than its storage (overlapping strides)")
         strides = tuple(s * flat.itemsize for s in self.stride)
         view = np.lib.stride_tricks.as_strided(flat[self.offset:], self.size, strides) if 0 not in self.size \
             else np.empty(self.size, flat.dtype)
@@ -221,17 +223,31 @@ def _load_legacy(path: Path):
     return result
 
 
-def _resolve(obj):
-    """Tensors -> numpy arrays through plain containers."""
-    if isinstance(obj, _Tensor):
-        return obj.to_numpy()
-    if isinstance(obj, dict):
-        return {k: _resolve(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_resolve(v) for v in obj)
+def _resolve(obj, done: Optional[dict] = None):
+    """Tensors -> numpy arrays through plain containers. Each object is resolved once (a
+    pickle may share one object many times over, which would otherwise cost exponential time)
+    and an object that contains itself is refused."""
+    done = {} if done is None else done
+    if id(obj) in done:
+        if done[id(obj)] is _IN_PROGRESS:
+            raise pickle.UnpicklingError("a checkpoint object contains itself")
+        return done[id(obj)]
     if isinstance(obj, (_Storage, _StorageType)):
         raise pickle.UnpicklingError("a bare storage outside a tensor")
-    return obj
+    if not isinstance(obj, (_Tensor, dict, list, tuple)):
+        return obj
+    done[id(obj)] = _IN_PROGRESS
+    if isinstance(obj, _Tensor):
+        out = obj.to_numpy()
+    elif isinstance(obj, dict):
+        out = {k: _resolve(v, done) for k, v in obj.items()}
+    else:
+        out = type(obj)(_resolve(v, done) for v in obj)
+    done[id(obj)] = out
+    return out
+
+
+_IN_PROGRESS = object()
 
 
 def load(path: Path):

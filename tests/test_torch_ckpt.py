@@ -125,6 +125,12 @@ def _zip_checkpoint(path: Path, obj, data: bytes = np.zeros(2, np.float32).tobyt
     return path
 
 
+def _loop():
+    loop = []
+    loop.append(loop)
+    return {"x": loop}
+
+
 def _hostile(tmp_path: Path):
     """(name, file, expected message part)."""
     torch.save({"x": _Evil()}, tmp_path / "evil_zip.pt")
@@ -149,6 +155,9 @@ def _hostile(tmp_path: Path):
          "shorter than its declared size"),
         ("negative_stride", _zip_checkpoint(tmp_path / "neg.pt", _Crafted(_Storage(2), (2,), (-1,))),
          "negative size, stride or offset"),
+        ("stride_0_bomb", _zip_checkpoint(tmp_path / "bomb.pt", _Crafted(_Storage(2), (10**12,), (0,))),
+         "more elements than its storage"),
+        ("self_reference", _zip_checkpoint(tmp_path / "loop.pt", _loop()), "contains itself"),
     ]
 
 
@@ -159,6 +168,20 @@ def test_hostile_pickles_refused(tmp_path):
             load(path)
         assert message in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
     assert not SENTINEL.exists()
+
+
+def test_shared_objects_resolve_once(tmp_path):
+    """A pickle that shares one object 2^60 times over (a "billion laughs") reads at once, with
+    the sharing kept; torch reads it too."""
+    level = [torch.ones(2)]
+    for _ in range(60):
+        level = [level, level]
+    torch.save({"x": level}, tmp_path / "laughs.pt")
+    got = load(tmp_path / "laughs.pt")["x"]
+    assert got[0] is got[1]
+    for _ in range(60):
+        got = got[0]
+    np.testing.assert_array_equal(got[0], np.ones(2, np.float32))
 
 
 def test_torch_refuses_what_we_refuse(tmp_path):
