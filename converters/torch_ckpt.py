@@ -1,8 +1,9 @@
-"""Read PyTorch checkpoints without torch, and safely: a restricted unpickler that rebuilds
-tensors (as numpy arrays) and plain containers only, and refuses every other import, so no
-code in a checkpoint ever runs. Both of torch's formats are read: the zip archive
+"""Read and write PyTorch checkpoints without torch. Reading is safe: a restricted unpickler
+rebuilds tensors (as numpy arrays) and plain containers only and refuses every other import,
+so no code in a checkpoint ever runs. Both of torch's formats are read: the zip archive
 (`<name>/data.pkl` + `<name>/data/<key>`, torch >= 1.6) and the legacy stream (magic number,
-protocol, system info, the object pickle, its storage keys, then each storage's bytes)."""
+protocol, system info, the object pickle, its storage keys, then each storage's bytes).
+Writing produces the zip archive torch.save writes for a dict of tensors."""
 
 import io
 import pickle
@@ -285,8 +286,82 @@ def read_state_dict(path: Path) -> Dict[str, np.ndarray]:
     return {str(k).replace("clc", "df"): v for k, v in obj.items()}
 
 
-def write_state_dict(state_dict: Dict[str, np.ndarray], path: Path):
-    """Save numpy arrays as a torch state dict that `torch.load(weights_only=True)` reads."""
-    import torch
+_NUMPY_STORAGES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items()
+                   if k not in ("BFloat16Storage", "UntypedStorage")}
 
-    torch.save({k: torch.from_numpy(np.array(v, order="C")) for k, v in state_dict.items()}, path)  # keeps 0-d
+
+@dataclass(frozen=True)
+class _Global:
+    """A `module.name` reference written into the pickle as it is (torch need not import)."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args):  # pickle's save_reduce wants a callable; this only names one
+        raise TypeError(f"{self.module}.{self.name} is a name in a pickle, not a function here")
+
+
+@dataclass(eq=False)
+class _TensorOut:
+    """A tensor to write: its storage's key and its (contiguous, little-endian) data."""
+
+    key: str
+    array: np.ndarray
+
+
+@dataclass(eq=False)
+class _StorageOut:
+    tensor: _TensorOut
+
+
+class _EmptyOrderedDict:
+    """An empty collections.OrderedDict (a tensor's backward hooks)."""
+
+
+class _TorchPickler(pickle._Pickler):
+    """Pickles a dict of tensors as torch.save does: each tensor as
+    torch._utils._rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict()) over a
+    storage given by persistent id; the globals are named, never imported."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageOut):
+            a = obj.tensor.array
+            return ("storage", _Global("torch", _NUMPY_STORAGES[a.dtype]), obj.tensor.key, "cpu", a.size)
+        return None
+
+    def _save_global(self, obj: _Global):
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+
+    def _save_tensor(self, obj: _TensorOut):
+        a = obj.array
+        stride = tuple(int(np.prod(a.shape[i + 1 :])) for i in range(a.ndim))
+        self.save_reduce(_Global("torch._utils", "_rebuild_tensor_v2"),
+                         (_StorageOut(obj), 0, tuple(a.shape), stride, False, _EmptyOrderedDict()))
+
+    def _save_hooks(self, _obj):
+        self.save_reduce(_Global("collections", "OrderedDict"), ())
+
+    dispatch[_Global] = _save_global
+    dispatch[_TensorOut] = _save_tensor
+    dispatch[_EmptyOrderedDict] = _save_hooks
+
+
+def write_state_dict(state_dict: Dict[str, np.ndarray], path: Path):
+    """Save numpy arrays as the zip checkpoint torch.save writes (read by
+    `torch.load(weights_only=True)`), without torch."""
+    tensors = {}
+    for i, (name, value) in enumerate(state_dict.items()):
+        array = np.asarray(value)
+        if array.dtype not in _NUMPY_STORAGES:
+            raise CheckpointError(f"entry `{name}`: dtype {array.dtype} has no torch storage")
+        tensors[str(name)] = _TensorOut(str(i), np.array(array, dtype=array.dtype.newbyteorder("<"), order="C"))  # keeps 0-d
+    buf = io.BytesIO()
+    _TorchPickler(buf, protocol=2).dump(tensors)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/byteorder", "little")
+        for tensor in tensors.values():
+            z.writestr(f"archive/data/{tensor.key}", tensor.array.tobytes())
+        z.writestr("archive/version", "3\n")

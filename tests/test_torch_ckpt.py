@@ -1,6 +1,7 @@
-"""The torch-free checkpoint reader: the same arrays as `torch.load(weights_only=True)` on
-every checkpoint form df-mlx reads, hostile pickles refused, and `dfmlx convert` /
-`init_df(<upstream dir>)` working in a process where torch cannot be imported."""
+"""The torch-free checkpoint reader and writer: the same arrays as
+`torch.load(weights_only=True)` on every checkpoint form df-mlx reads, hostile pickles
+refused, files torch reads, and `dfmlx convert` / `init_df(<upstream dir>)` / `dfmlx export`
+working in a process where torch cannot be imported."""
 
 import collections
 import importlib.util
@@ -65,6 +66,25 @@ def test_same_arrays_as_torch_load(tmp_path, legacy):
     path = tmp_path / "mixed.ckpt"
     torch.save(_mixed_checkpoint(), path, _use_new_zipfile_serialization=not legacy)
     _assert_same(load(path), torch.load(path, map_location="cpu", weights_only=True))
+
+
+def test_written_without_torch_reads_in_torch(tmp_path):
+    """write_state_dict's zip is what torch.load(weights_only=True) reads, every dtype and
+    layout (0-d, empty, transposed), and a torch module loads it strictly."""
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(3, np.int64),
+             "e": np.zeros((0, 4), np.float16), "t": np.arange(6, dtype=np.float64).reshape(3, 2).T,
+             "b": np.array([True, False]), "i8": np.array([-3], np.int8), "c": np.array([1 + 2j], np.complex64)}
+    write_state_dict(state, tmp_path / "w.ckpt")
+    back = torch.load(tmp_path / "w.ckpt", weights_only=True)
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].numpy().dtype == v.dtype and back[k].shape == v.shape, k
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
+    gru = torch.nn.GRU(3, 4)
+    write_state_dict({k: v.detach().numpy() for k, v in gru.state_dict().items()}, tmp_path / "gru.ckpt")
+    torch.nn.GRU(3, 4).load_state_dict(torch.load(tmp_path / "gru.ckpt", weights_only=True), strict=True)
+    with pytest.raises(CheckpointError, match="no torch storage"):
+        write_state_dict({"s": np.array(["x"])}, tmp_path / "s.ckpt")
 
 
 def test_upstream_state_dict_and_legacy_renaming(tmp_path):
@@ -223,6 +243,8 @@ from df_mlx.cli import main
 from df_mlx.enhance import init_df
 r = CliRunner().invoke(main, ["convert", {str(src)!r}, "-o", {str(tmp_path / "out")!r}])
 assert r.exit_code == 0, r.output
+r = CliRunner().invoke(main, ["export", {str(tmp_path / "out")!r}, "-o", {str(tmp_path / "back.ckpt")!r}])
+assert r.exit_code == 0, r.output
 want = np.load({str(tmp_path / "want.npz")!r})
 for got in (mlx_state_dict(load_model_dir({str(tmp_path / "out")!r})[0]),
             mlx_state_dict(init_df({str(src)!r}, log_file=None)[0])):
@@ -235,3 +257,7 @@ print("ok")
 """
     result = _run_without_torch(code)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    back = torch.load(tmp_path / "back.ckpt", weights_only=True)  # exported without torch
+    assert set(back) == set(want)
+    for k, v in want.items():
+        np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)
