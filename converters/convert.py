@@ -13,7 +13,6 @@ error naming them.
 
 import configparser
 import glob
-import hashlib
 import os
 import tempfile
 import zipfile
@@ -25,22 +24,14 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from converters.layout import LayoutError, mlx_state_dict, torch_to_mlx
+from converters.record import (CONVERTER_VERSION, FAMILIES, MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS, REFERENCE_VERSION,
+                               REFERENCE_VERSIONS, ConvertResult, load_config, sha256)
 from converters.torch_ckpt import CheckpointError, read_state_dict, write_state_dict
 
-FAMILIES = ("deepfilternet3", "deepfilternet2", "deepfilternet", "deepfilternetmf", "deepfilternet4")
-CONVERTER_VERSION = "1"
-# The layout this converter maps (state_dict names and shapes): deepfilternet 0.5.6, and the
-# DFNet4 fork at the commit its parity fixtures were recorded from.
-REFERENCE_VERSION = "deepfilternet 0.5.6"
-REFERENCE_VERSIONS = {"deepfilternet4": "sealad886/DeepFilterNet4 893ec67cb578123bcc9ec186b3a9d38c5ea71c22"}
 # Without a config, a bare checkpoint is tried against these configs in turn: each family at
 # its defaults, then the fork's DfNet4Lite (a switch of the deepfilternet4 family, not a family).
 DETECT_CONFIGS = [(f, f"[train]\nmodel = {f}\n") for f in FAMILIES] + [
     ("deepfilternet4", "[train]\nmodel = deepfilternet4\n[deepfilternet4]\nmodel_variant = lite\n")]
-# Bounds on a release zip or tarball, checked on its directory before anything is extracted (a
-# bomb of a few MB can unpack to GBs): upstream's releases hold a handful of files and tens of MB.
-MAX_ARCHIVE_MEMBERS = 1000
-MAX_ARCHIVE_BYTES = 1 << 30
 # Keys upstream's own `read_cp` ignores when loading (GRU initial states of old releases).
 IGNORED_SUFFIXES = (".h0",)
 IGNORED_PARTS = ("erb_comp",)
@@ -52,25 +43,6 @@ class Source:
     config_text: Optional[str]
     description: str
     config_origin: str = "config.ini"  # where config_text came from, for errors
-
-
-@dataclass
-class ConvertResult:
-    out_dir: Path
-    family: str
-    source: str
-    tensors: int
-    parameters: int
-    ignored: List[str]
-    discriminator: Optional[str] = None  # the fork's disc checkpoint converted alongside
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _pick_checkpoint(cp_dir: Path, epoch: Union[str, int], label: str) -> Path:
@@ -162,18 +134,6 @@ def find_source(src: Path, epoch, config_path: Optional[Path], tmp: Path) -> Sou
     return found
 
 
-def _load_config(text: str, tmp: Path):
-    from df_mlx.config import config
-
-    path = tmp / "config.ini"
-    path.write_text(text)
-    config.load(str(path), config_must_exist=True, allow_defaults=True, allow_reload=True)
-    family = config("MODEL", default="deepfilternet3", section="train")
-    if family not in FAMILIES:
-        raise CheckpointError(f"model family `{family}` is not supported yet (supported: {', '.join(FAMILIES)})")
-    return family
-
-
 def _build():
     """The model the global config describes."""
     from df_mlx.model import init_model
@@ -190,12 +150,12 @@ def _fit(state: Dict[str, np.ndarray], config_text: Optional[str], tmp: Path):
     """Build the model the config names (or, without config, the family whose default
     config fits the keys) and map the tensors onto it."""
     if config_text is not None:
-        family = _load_config(config_text, tmp)
+        family = load_config(config_text, tmp)
         model = _build()
         return family, model, torch_to_mlx(model, state)
     errors = []
     for family, text in DETECT_CONFIGS:
-        _load_config(text, tmp)
+        load_config(text, tmp)
         model = _build()
         try:
             return family, model, torch_to_mlx(model, state)
@@ -272,8 +232,7 @@ def export(model_dir, out_path, overwrite: bool = False, epoch: Union[str, int] 
     weights as a PyTorch state dict (`torch.load` + `load_state_dict(strict=True)` in upstream
     `df`, or in the fork for deepfilternet4), atomically; a converted discriminator goes to
     `disc_export_path(out_path)`. Returns the files written."""
-    from df_mlx.checkpoint import load_model_dir
-    from df_mlx.enhance import is_training_dir, load_training_dir
+    from df_mlx.checkpoint import is_training_dir, load_model_dir, load_training_dir
 
     from converters.discriminator import DISC_FILE, export_state_dict
 
@@ -326,5 +285,5 @@ def _write_atomically(state: Dict[str, np.ndarray], out_path: Path):
     with atomic_file(out_path) as tmp:
         try:
             write_state_dict(state, Path(tmp))
-        except RuntimeError as e:  # torch's write failures (a full disk) are plain RuntimeErrors
-            raise CheckpointError(f"cannot write {out_path}: {str(e).splitlines()[0]}") from None
+        except OSError as e:  # a full disk, a file size limit
+            raise CheckpointError(f"cannot write {out_path}: {e.strerror or e}") from None

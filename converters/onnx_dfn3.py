@@ -38,8 +38,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from loguru import logger
 
-from converters.convert import (CONVERTER_VERSION, MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS, REFERENCE_VERSION,
-                                ConvertResult, _load_config, sha256)
+from converters.record import (CONVERTER_VERSION, MAX_ARCHIVE_BYTES, MAX_ARCHIVE_MEMBERS, REFERENCE_VERSION,
+                               ConvertResult, load_config, sha256)
 from converters.torch_ckpt import CheckpointError
 
 FAMILY = "deepfilternet3"
@@ -338,7 +338,7 @@ def load_release(tar_path, tmp: Path):
     release = read_release(tar_path)
     if importlib.util.find_spec("onnx") is None:
         raise OnnxReleaseError("reading the ONNX release needs the onnx package (pip install onnx)")
-    family = _load_config(release.config_text, tmp)
+    family = load_config(release.config_text, tmp)
     if family != FAMILY:
         raise OnnxReleaseError(f"{release.description}: config names `{family}`, only {FAMILY} ONNX "
                                "releases are supported")

@@ -4,8 +4,15 @@ from df_mlx._blas import use_fast_blas
 
 use_fast_blas()  # before anything imports mlx.core: see df_mlx/_blas.py
 
+import warnings  # noqa: E402
+
+# `python -m df_mlx.enhance` runs df's command line after this package imported the module (as
+# df/__init__ imports df.enhance); runpy's warning about exactly that is expected here.
+warnings.filterwarnings("ignore", message="'df_mlx.enhance' found in sys.modules", category=RuntimeWarning)
+
 from df_mlx.config import config  # noqa: E402
+from df_mlx.enhance import enhance, init_df  # noqa: E402
 from df_mlx.version import version  # noqa: E402
 
-__all__ = ["config", "version"]
+__all__ = ["config", "version", "enhance", "init_df"]
 __version__ = version

@@ -22,6 +22,10 @@ from loguru import logger
 from mlx.utils import tree_flatten
 
 from df_mlx.config import Csv, config
+from df_mlx.libdf import DF  # noqa: F401  (re-exported, as df.checkpoint)
+from df_mlx.model import ModelParams
+from df_mlx.model import init_model  # noqa: F401  (re-exported, as df.checkpoint)
+from df_mlx.utils import check_finite_module  # noqa: F401  (re-exported, as df.checkpoint)
 from df_mlx.version import version
 
 CONFIG_FILE = "config.ini"
@@ -293,3 +297,40 @@ def read_patience(dirname: str) -> Tuple[Optional[int], float]:
 
 def write_patience(dirname: str, new_patience: int, metric: float):
     return np.savetxt(os.path.join(dirname, ".patience"), [new_patience, metric])
+
+
+def no_checkpoint(epoch) -> bool:
+    """df's rule: epoch None or "none" builds the model without loading a checkpoint."""
+    return epoch is None or (isinstance(epoch, str) and epoch.lower() == "none")
+
+
+def maybe_post_filter(post_filter: bool):
+    """Switch the global config's post-filter on (init_df's `post_filter`)."""
+    if post_filter:
+        config.set("mask_pf", True, bool, ModelParams().section)
+        logger.info("Running with post-filter")
+
+
+def is_training_dir(model_base_dir: str) -> bool:
+    """A `dfmlx train` base directory: config.ini and safetensors checkpoints/model_*."""
+    return os.path.isfile(os.path.join(model_base_dir, "config.ini")) and bool(
+        glob.glob(os.path.join(model_base_dir, "checkpoints", f"model_*.{EXTENSION}*")))
+
+
+def load_training_dir(model_base_dir: str, epoch: Union[str, int, None] = "best", post_filter: bool = False,
+                      mask_only: bool = False, config_allow_defaults: bool = True):
+    """The model of a training directory at `epoch` (best, latest or a number; best falls back
+    to latest), as df's init_df loads its own model directories; its config becomes global.
+    With epoch None or "none" (any model directory) the model is built untrained, as df's."""
+    config.load(os.path.join(model_base_dir, "config.ini"), config_must_exist=True,
+                allow_defaults=config_allow_defaults, allow_reload=True)
+    maybe_post_filter(post_filter)
+    p = ModelParams()
+    df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
+                  min_nb_erb_freqs=p.min_nb_freqs)
+    mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
+    cp_dir = None if no_checkpoint(epoch) else os.path.join(model_base_dir, "checkpoints")
+    model, found = load_model(cp_dir, df_state, mask_only=mask_only, epoch=epoch)
+    logger.info(f"Loaded checkpoint of epoch {found} from {model_base_dir}")
+    model.eval()
+    return model

@@ -10,10 +10,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from loguru import logger
 
-from df_mlx.config import DfParams
+from df_mlx.config import DfParams, config  # noqa: F401  (re-exported, as df.deepfilternet)
+from df_mlx.interop import TorchModuleCalls
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
 from df_mlx.modules import DfOp, GroupedGRU, GroupedLinear, Mask, Sequential, convkxf, erb_filterbanks
+from df_mlx.modules import erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternet)
 
 
 class ModelParams(DfParams):
@@ -144,7 +146,7 @@ class DfDecoder(nn.Module):
         return c.reshape(b, t, self.df_order, 2, self.df_bins).swapaxes(3, 4), alpha
 
 
-class DfNet(nn.Module):
+class DfNet(TorchModuleCalls, nn.Module):
     def __init__(self, erb_inv_fb: mx.array, run_df: bool = True, train_mask: bool = True):
         super().__init__()
         p = ModelParams()

@@ -14,9 +14,11 @@ import numpy as np
 from loguru import logger
 
 import df_mlx.multiframe as MF
-from df_mlx.config import DfParams
+from df_mlx.config import Csv, DfParams, config  # noqa: F401  (re-exported, as df.deepfilternet3)
+from df_mlx.interop import TorchModuleCalls
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
+from df_mlx.modules import as_complex, erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternet3)
 from df_mlx.modules import (
     ConstantPad2d,
     Conv2dNormAct,
@@ -277,7 +279,7 @@ class DfDecoder(nn.Module):
         return c.reshape(b, t, self.df_bins, self.df_out_ch) + c0
 
 
-class DfNet(nn.Module):
+class DfNet(TorchModuleCalls, nn.Module):
     def __init__(self, erb_fb: mx.array, erb_inv_fb: mx.array, run_df: bool = True, train_mask: bool = True):
         super().__init__()
         p = ModelParams()

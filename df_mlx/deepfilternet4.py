@@ -27,6 +27,7 @@ import mlx.nn as nn
 import df_mlx.deepfilternet3 as dfn3
 import df_mlx.multiframe as MF
 from df_mlx.config import DfParams, config
+from df_mlx.interop import TorchModuleCalls
 from df_mlx.hybrid_encoder import HybridEncoder, MagnitudeEncoder
 from df_mlx.layers import pad_axis
 from df_mlx.libdf import DF
@@ -362,7 +363,7 @@ def _post_filter(spec_e: mx.array, spec: mx.array, beta: float) -> mx.array:
     return spec_e * dfn3.post_filter_gain(spec_e, spec, beta)[..., None]
 
 
-class DfNet4(nn.Module):
+class DfNet4(TorchModuleCalls, nn.Module):
     """The full DFNet4: hybrid (or DFNet3-style) encoder, ERB mask decoder, multi-resolution /
     adaptive-order / single deep-filter decoder, optional post-filter."""
 
@@ -456,7 +457,7 @@ class DfNet4(nn.Module):
         return spec_e, m, lsnr, df_coefs
 
 
-class DfNet4Lite(nn.Module):
+class DfNet4Lite(TorchModuleCalls, nn.Module):
     """DFNet4 at half width: Encoder4Lite, ErbDecoder4Lite, single-resolution DF, both
     filterbanks as buffers. As the fork, feat_spec is [B, 2, T, F'] here (the fork's forward
     rejects df's [B, 1, T, F', 2]), and `train_mask=False` drops the ERB stage."""

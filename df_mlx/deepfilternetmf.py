@@ -13,10 +13,12 @@ from loguru import logger
 
 import df_mlx.deepfilternet3 as dfn3
 import df_mlx.multiframe as MF
-from df_mlx.config import DfParams
+from df_mlx.config import Csv, DfParams, config  # noqa: F401  (re-exported, as df.deepfilternetmf)
+from df_mlx.interop import TorchModuleCalls
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
 from df_mlx.modules import Conv2dNormAct, GroupedLinearEinsum, Identity, Mask, SqueezedGRU_S, erb_filterbanks
+from df_mlx.modules import ConvTranspose2dNormAct, erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternetmf)
 
 
 class ModelParams(DfParams):
@@ -100,7 +102,7 @@ class DfDecoder(nn.Module):
         return ifc, cov
 
 
-class DfNet(nn.Module):
+class DfNet(TorchModuleCalls, nn.Module):
     def __init__(self, erb_fb: mx.array, erb_inv_fb: mx.array, run_df: bool = True, train_mask: bool = True):
         super().__init__()
         p = ModelParams()

@@ -1,195 +1,153 @@
 """Speech enhancement with a DeepFilterNet model, as `df.enhance`.
 
-`init_df` loads a converted model directory (or converts an upstream model directory on the
-fly when torch is installed; with no argument, the embedded pretrained DeepFilterNet3), and
-`enhance` runs the whole offline pipeline: STFT, features, model, attenuation limit, ISTFT.
+`init_df` (from df_mlx.loading) loads a converted model directory (or converts an upstream
+model directory on the fly, torch-free; with no argument, the embedded pretrained
+DeepFilterNet3), and `enhance` runs the whole offline pipeline: STFT, features, model,
+attenuation limit, ISTFT. `main`/`run` are df's command line, on `dfmlx enhance`'s machinery.
 """
 
+import argparse
 import os
-import tempfile
-from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 import numpy as np
 from loguru import logger
 
-from df_mlx.checkpoint import EXTENSION, is_model_dir, load_model, load_model_dir
-from df_mlx.config import config
-from df_mlx.libdf import DF
-from df_mlx.libdfdata import noisy_features
-from df_mlx.logger import init_logger
-from df_mlx.model import ModelParams
-from df_mlx.streaming import StreamingEnhancer, why_not_streamable
-from df_mlx.utils import get_device, get_norm_alpha
-
-PRETRAINED_MODELS = ("DeepFilterNet3",)
-DEFAULT_MODEL = "DeepFilterNet3"
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-
-
-def get_model_basedir(m: Optional[str]) -> str:
-    """A pretrained model's name -> its embedded directory; anything else is a path."""
-    m = m or DEFAULT_MODEL
-    if m in PRETRAINED_MODELS:
-        path = PRETRAINED_DIR / m
-        if not is_model_dir(path):
-            raise FileNotFoundError(f"the embedded {m} model is missing from {PRETRAINED_DIR}")
-        return str(path)
-    return m
+from df_mlx.checkpoint import load_model as load_model_cp  # noqa: F401  (df's name for it)
+from df_mlx.config import config  # noqa: F401  (df.enhance's name)
+from df_mlx.interop import kind_of, like, to_numpy
+from df_mlx.io import load_audio, resample, save_audio  # noqa: F401  (df.enhance re-exports them)
+from df_mlx.libdf import DF, erb, erb_norm, unit_norm  # noqa: F401
+from df_mlx.loading import (DEFAULT_MODEL, PRETRAINED_MODELS, ModelNotFound, get_model_basedir,  # noqa: F401
+                            init_df, maybe_download_model)
+from df_mlx.logger import init_logger  # noqa: F401  (df.enhance's name)
+from df_mlx.model import ModelParams  # noqa: F401  (df.enhance's name)
+from df_mlx.offline import df_features, enhance_offline  # noqa: F401  (df_features: df's name)
+from df_mlx.utils import as_complex, as_real, download_file, get_cache_dir, get_device, get_norm_alpha  # noqa: F401
+from df_mlx.version import version
 
 
-def _maybe_post_filter(post_filter: bool):
-    if post_filter:
-        config.set("mask_pf", True, bool, ModelParams().section)
-        logger.info("Running with post-filter")
-
-
-def is_training_dir(model_base_dir: str) -> bool:
-    """A `dfmlx train` base directory: config.ini and safetensors checkpoints/model_*."""
-    import glob
-
-    return os.path.isfile(os.path.join(model_base_dir, "config.ini")) and bool(
-        glob.glob(os.path.join(model_base_dir, "checkpoints", f"model_*.{EXTENSION}*")))
-
-
-def load_training_dir(model_base_dir: str, epoch: Union[str, int, None] = "best", post_filter: bool = False,
-                      mask_only: bool = False, config_allow_defaults: bool = True):
-    """The model of a training directory at `epoch` (best, latest or a number; best falls back
-    to latest), as df's init_df loads its own model directories; its config becomes global."""
-    config.load(os.path.join(model_base_dir, "config.ini"), config_must_exist=True,
-                allow_defaults=config_allow_defaults, allow_reload=True)
-    _maybe_post_filter(post_filter)
-    p = ModelParams()
-    df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
-                  min_nb_erb_freqs=p.min_nb_freqs)
-    mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
-    model, found = load_model(os.path.join(model_base_dir, "checkpoints"), df_state, mask_only=mask_only,
-                              epoch="best" if epoch is None else epoch)
-    logger.info(f"Loaded checkpoint of epoch {found} from {model_base_dir}")
-    model.eval()
-    return model
-
-
-def _converted_dir(model_base_dir: str, epoch) -> Tuple[str, Optional[tempfile.TemporaryDirectory]]:
-    """A converted-model directory for `model_base_dir`: itself, or an upstream model
-    directory converted into a temporary one."""
-    if is_model_dir(model_base_dir):
-        return model_base_dir, None
-    if not os.path.isfile(os.path.join(model_base_dir, "config.ini")):
-        raise FileNotFoundError(f"no model at {model_base_dir} (needs config.ini and model.safetensors, "
-                                "or an upstream config.ini + checkpoints/)")
-    from converters.convert import convert
-
-    tmp = tempfile.TemporaryDirectory(prefix="dfmlx-")
-    out = os.path.join(tmp.name, "model")
-    convert(model_base_dir, out, epoch="best" if epoch is None else epoch)
-    return out, tmp
-
-
-def _load_model_dir(model_base_dir: str, epoch, post_filter: bool, mask_only: bool, config_allow_defaults: bool):
-    """The model of a converted (or, converted on the fly, an upstream) model directory."""
-    model_dir, tmp = _converted_dir(model_base_dir, epoch)
+def parse_epoch_type(value: str) -> Union[int, str]:
+    """df's `--epoch` values: an integer, `best` or `latest`."""
     try:
-        config.load(os.path.join(model_dir, "config.ini"), config_must_exist=True,
-                    allow_defaults=config_allow_defaults, allow_reload=True)
-        _maybe_post_filter(post_filter)
-        mask_only = mask_only or config("mask_only", cast=bool, section="train", default=False, save=False)
-        model, _ = load_model_dir(model_dir, run_df=not mask_only, load_config=False)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
-    return model
+        return int(value)
+    except ValueError:
+        if value not in ("best", "latest"):
+            raise argparse.ArgumentTypeError(f"epoch must be best, latest or an integer, got {value!r}") from None
+        return value
 
 
-def init_df(
-    model_base_dir: Optional[str] = None,
-    post_filter: bool = False,
-    log_level: str = "INFO",
-    log_file: Optional[str] = "enhance.log",
-    config_allow_defaults: bool = True,
-    epoch: Union[str, int, None] = "best",
-    default_model: str = DEFAULT_MODEL,
-    mask_only: bool = False,
-):
-    """Load config, model and DF state. Returns (model, df_state, suffix); the suffix is the
-    model directory's name (+ "_pf" with the post-filter), for naming enhanced files."""
-    use_default_model = model_base_dir is None or model_base_dir in PRETRAINED_MODELS
-    model_base_dir = get_model_basedir(model_base_dir or default_model)
-    if not os.path.isdir(model_base_dir):
-        raise NotADirectoryError(f"Base directory not found at {model_base_dir}")
-    writable = not use_default_model and os.access(model_base_dir, os.W_OK)
-    log_file = os.path.join(model_base_dir, log_file) if log_file is not None and writable else None
-    init_logger(file=log_file, level=log_level, model=model_base_dir)
-    if use_default_model:
-        logger.info(f"Using {default_model} model at {model_base_dir}")
-    if is_training_dir(model_base_dir):
-        model = load_training_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
-    else:
-        model = _load_model_dir(model_base_dir, epoch, post_filter, mask_only, config_allow_defaults)
-    p = ModelParams()
-    df_state = DF(sr=p.sr, fft_size=p.fft_size, hop_size=p.hop_size, nb_bands=p.nb_erb,
-                  min_nb_erb_freqs=p.min_nb_freqs)
-    suffix = os.path.basename(os.path.abspath(model_base_dir)) + ("_pf" if post_filter else "")
-    logger.info(f"Running on device {get_device()}")
-    logger.info("Model loaded")
-    return model, df_state, suffix
-
-
-# Longer inputs run through StreamingEnhancer in blocks of this length, which gives the
-# whole-signal result within float32 rounding (tests/test_streaming.py) in bounded memory;
-# whole, a minute's feature maps are 150 MB each, and MLX's CPU build, which keeps only 32 MB
-# of freed buffers for reuse, takes fresh pages from the OS for every op (25 % slower per frame).
-BLOCK_SECONDS = 10.0
-
-
-def _enhance_in_blocks(model, df_state: DF, audio: np.ndarray, atten_lim_db: Optional[float]) -> np.ndarray:
-    """enhance(pad=True) of audio [C, T] through a StreamingEnhancer, block by block."""
-    stream = StreamingEnhancer(model, df_state, atten_lim_db, compile_hops=False)
-    block = int(BLOCK_SECONDS * df_state.sr())
-    parts = [stream.process(audio[:, i : i + block]) for i in range(0, audio.shape[1], block)]
-    out = np.concatenate(parts + [stream.flush()], axis=1)
-    delay = df_state.fft_size() - df_state.hop_size()
-    return out[:, delay : delay + audio.shape[1]]
-
-
-def df_features(audio, df: DF, nb_df: int, device=None) -> Tuple[mx.array, mx.array, mx.array]:
-    """Audio [C, T] -> spec [C, 1, T', F, 2], ERB features [C, 1, T', E], normalised complex
-    features [C, 1, T', nb_df, 2], exactly as df computes them with libdf."""
-    spec = df.analysis(np.asarray(audio, dtype=np.float32))
-    erb_feat, spec_feat = noisy_features(spec, df.erb_widths(), nb_df, get_norm_alpha(False))
-    return mx.array(_as_real(spec)[:, None]), mx.array(erb_feat[:, None]), mx.array(_as_real(spec_feat)[:, None])
-
-
-def _as_real(x: np.ndarray) -> np.ndarray:
-    return np.stack([x.real, x.imag], axis=-1).astype(np.float32)
-
-
-def enhance(model, df_state: DF, audio, pad=True, atten_lim_db: Optional[float] = None) -> mx.array:
+def enhance(model, df_state: DF, audio, pad=True, atten_lim_db: Optional[float] = None):
     """Enhance audio [C, T] at the model's rate. With `pad` the output is aligned with the
     input and has its length (the STFT delay fft_size - hop_size is compensated); an
     attenuation limit (dB) mixes the noisy spectrum back in. Inputs longer than BLOCK_SECONDS
-    run in blocks (see there) when the model streams."""
-    model.eval()
-    audio = np.asarray(audio, dtype=np.float32)
-    orig_len = audio.shape[-1]
-    n_fft, hop = df_state.fft_size(), df_state.hop_size()
-    if pad and audio.ndim == 2 and orig_len > BLOCK_SECONDS * df_state.sr() and why_not_streamable(model) is None:
-        return mx.array(_enhance_in_blocks(model, df_state, audio, atten_lim_db))
-    if pad:
-        audio = np.pad(audio, ((0, 0), (0, n_fft)))
-    nb_df = getattr(model, "nb_df", getattr(model, "df_bins", ModelParams().nb_df))
-    spec, erb_feat, spec_feat = df_features(audio, df_state, nb_df)
-    enhanced = np.array(model(spec, erb_feat, spec_feat)[0])[:, 0]
-    enhanced = enhanced[..., 0] + 1j * enhanced[..., 1]
-    if atten_lim_db is not None and abs(atten_lim_db) > 0:
-        lim = 10 ** (-abs(atten_lim_db) / 20)
-        noisy = np.array(spec)[:, 0]
-        enhanced = (noisy[..., 0] + 1j * noisy[..., 1]) * lim + enhanced * (1 - lim)
-    out = df_state.synthesis(enhanced.astype(np.complex64))
-    if pad:
-        if n_fft % hop != 0:
-            raise ValueError(f"delay compensation needs fft_size % hop_size == 0, got {n_fft}, {hop}")
-        d = n_fft - hop
-        out = out[:, d : orig_len + d]
-    return mx.array(out)
+    run in blocks (df_mlx.offline) when the model streams. The result is of the input's kind:
+    torch tensor, MLX array or numpy array (df_mlx.interop)."""
+    kind = kind_of(audio)
+    return like(np.asarray(enhance_offline(model, df_state, to_numpy(audio).astype(np.float32), pad, atten_lim_db)), kind)
+
+
+class AudioDataset:
+    """df's dataset of audio files for its command line: item i is (path, audio [C, T] at
+    `sr`, the file's own rate). A missing file is warned about up front and fails when read."""
+
+    def __init__(self, files: List[str], sr: int) -> None:
+        for file in files:
+            if not os.path.isfile(file):
+                logger.warning(f"File not found: {file}")
+        self.files = list(files)
+        self.sr = sr
+
+    def __getitem__(self, index) -> Tuple[str, mx.array, int]:
+        fn = self.files[index]
+        audio, meta = load_audio(fn, self.sr)
+        return fn, audio, meta.sample_rate
+
+    def __len__(self):
+        return len(self.files)
+
+
+class PrintVersion(argparse.Action):
+    """df's `-v/--version`: print the version and exit."""
+
+    def __init__(self, option_strings, dest):
+        super().__init__(option_strings=option_strings, dest=dest, nargs=0, required=False,
+                         help="Print DeepFilterNet (df-mlx) version information")
+
+    def __call__(self, *args):
+        print("DeepFilterNet (df-mlx)", version)
+        raise SystemExit(0)
+
+
+def setup_df_argument_parser(default_log_level: str = "INFO", parser=None) -> argparse.ArgumentParser:
+    """df's common options (model, post-filter, output folder, log level, epoch, version)."""
+    if parser is None:
+        parser = argparse.ArgumentParser()
+    parser.add_argument("--model-base-dir", "-m", type=str, default=None,
+                        help="Model directory (converted or upstream), or a pretrained name, e.g. DeepFilterNet3 "
+                             "(the default, embedded).")
+    parser.add_argument("--pf", action="store_true", help="Post-filter that slightly over-attenuates very noisy sections.")
+    parser.add_argument("--output-dir", "-o", type=str, default=None,
+                        help="Directory in which the enhanced audio files will be stored.")
+    parser.add_argument("--log-level", type=str, default=default_log_level,
+                        help="Logger verbosity. Can be one of (debug, info, error, none)")
+    parser.add_argument("--debug", "-d", action="store_const", const="DEBUG", dest="log_level")
+    parser.add_argument("--epoch", "-e", default="best", type=parse_epoch_type,
+                        help="Epoch for checkpoint loading. Can be one of ['best', 'latest', <int>].")
+    parser.add_argument("-v", "--version", action=PrintVersion)
+    return parser
+
+
+def main(args):
+    """df's `main(args)` (the arguments of `run`'s parser), done by `dfmlx enhance`'s per-file
+    machinery: each file enhanced at the model rate, resampled back, written as 16-bit
+    `<name>_<model>.<ext>` in the output folder; a failing file is reported and the batch
+    goes on, ending with exit status 1."""
+    import click
+
+    from df_mlx.enhance_cli import enhance_cmd
+
+    argv = list(getattr(args, "noisy_audio_files", []) or [])
+    if getattr(args, "noisy_dir", None) is not None:
+        argv += ["--noisy-dir", args.noisy_dir]
+    argv += ["-o", args.output_dir or ".", "--log-level", str(args.log_level), "--epoch", str(args.epoch)]
+    if args.model_base_dir is not None:
+        argv += ["-m", args.model_base_dir]
+    if getattr(args, "atten_lim", None) is not None:
+        argv += ["-a", str(args.atten_lim)]
+    if getattr(args, "device", None) is not None:
+        argv += ["--device", args.device]
+    for flag, on in (("--pf", args.pf), ("--no-delay-compensation", not getattr(args, "compensate_delay", True)),
+                     ("--no-suffix", not getattr(args, "suffix", True)),
+                     ("--no-df-stage", getattr(args, "no_df_stage", False))):
+        if on:
+            argv.append(flag)
+    try:
+        enhance_cmd.main(argv, prog_name="deepFilter-mlx", standalone_mode=False)
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(e.exit_code) from None
+
+
+def run():
+    """df's `deepFilter` command line, flag for flag (plus the fork's --device): the
+    `deepFilter-mlx` script and `python -m df_mlx.enhance`."""
+    parser = setup_df_argument_parser()
+    parser.add_argument("--no-delay-compensation", dest="compensate_delay", action="store_false",
+                        help="Don't compensate the delay of the real-time STFT/ISTFT.")
+    parser.add_argument("--atten-lim", "-a", type=int, default=None,
+                        help="Attenuation limit in dB by mixing the enhanced signal with the noisy signal.")
+    parser.add_argument("noisy_audio_files", type=str, nargs="*", help="Noisy audio files to enhance.")
+    parser.add_argument("--noisy-dir", "-i", type=str, default=None,
+                        help="Input directory containing noisy audio files. Use instead of `noisy_audio_files`.")
+    parser.add_argument("--no-suffix", action="store_false", dest="suffix",
+                        help="Don't add the model suffix to the enhanced audio files")
+    parser.add_argument("--no-df-stage", action="store_true", help="Run without the deep-filtering stage.")
+    parser.add_argument("--device", type=str, default=None,
+                        help="cpu or gpu (cuda, mps: MLX's GPU); the DFNet4 fork's flag.")
+    main(parser.parse_args())
+
+
+if __name__ == "__main__":
+    run()

@@ -157,7 +157,7 @@ class _Writer:
     """The output file, failing with a one-line reason (full disk included)."""
 
     def __init__(self, tmp: str, out_path: str, info, subtype: str):
-        self.out_path, self.clip = out_path, subtype not in FLOAT_SUBTYPES
+        self.out_path, self.clip, self.pcm16 = out_path, subtype not in FLOAT_SUBTYPES, subtype == "PCM_16"
         try:
             self.file = sf.SoundFile(tmp, "w", samplerate=info.samplerate, channels=info.channels,
                                      subtype=subtype, format=info.format)
@@ -167,7 +167,11 @@ class _Writer:
     def write(self, samples: np.ndarray):
         if not np.isfinite(samples).all():
             raise InputError("the model produced NaN or infinite samples (are its weights finite?)")
-        if self.clip:
+        if self.pcm16:
+            from df_mlx.io import to_pcm16
+
+            samples = to_pcm16(samples)  # df's 2^15 scaling, truncated toward zero
+        elif self.clip:
             samples = np.clip(samples, -1.0, 1.0 - 1.0 / (1 << 15))
         try:
             self.file.write(samples.T)
@@ -200,9 +204,9 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
     from tqdm import tqdm
 
     from df_mlx.atomic import atomic_file
-    from df_mlx.enhance import BLOCK_SECONDS
     from df_mlx.io import Resampler
-    from df_mlx.streaming import StreamingEnhancer
+    from df_mlx.offline import file_stream
+    from df_mlx.streaming import BLOCK_SECONDS
 
     info = _audio_info(path)
     sr, model_sr = info.samplerate, df_state.sr()
@@ -210,14 +214,15 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
     if _truncation(info):
         click.echo(f"Warning: {path}: truncated ({_truncation(info)}); enhancing the {info.frames} frames it holds",
                    err=True)
-    stream = StreamingEnhancer(model, df_state, atten_lim_db, compile_hops=False)  # 10 s blocks
+    stream = file_stream(model, df_state, atten_lim_db)  # 10 s blocks (whole for models that cannot stream)
     skip = df_state.fft_size() - df_state.hop_size() if compensate_delay else 0
     block = max(1, int(BLOCK_SECONDS * sr))
     written = 0
     with atomic_file(out_path) as tmp:
         out = _Writer(tmp, out_path, info, _output_subtype(info))
         try:
-            model_len = math.ceil(model_sr * info.frames / sr) if compensate_delay else None
+            model_len = math.ceil(model_sr * info.frames / sr)  # enhance(pad=True)'s length, and pad=False's:
+            model_len = model_len if compensate_delay else model_len // df_state.hop_size() * df_state.hop_size()
             model_written = 0
 
             def write(samples: np.ndarray, final: bool = False):
@@ -227,8 +232,7 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
                 if skip:
                     cut = min(skip, samples.shape[1])
                     samples, skip = samples[:, cut:], skip - cut
-                if model_len is not None:
-                    samples = samples[:, : max(0, model_len - model_written)]
+                samples = samples[:, : max(0, model_len - model_written)]
                 model_written += samples.shape[1]
                 samples = from_model.process(samples)
                 if final:
@@ -247,7 +251,7 @@ def enhance_file(path: str, out_path: str, model, df_state, atten_lim_db, compen
                 bar.update(chunk.shape[1])
             bar.close()
             tail = to_model.flush()
-            write(np.concatenate([stream.process(tail), stream.flush()], axis=1), final=True)
+            write(np.concatenate([stream.process(tail), stream.flush(pad=compensate_delay)], axis=1), final=True)
         except BaseException:
             out.abandon()
             raise
@@ -283,28 +287,52 @@ def run_job(job: Job, model, df_state, atten_lim_db, compensate_delay: bool) -> 
         return FileResult(job.source, None, 0.0, time.perf_counter() - t0, _reason(e))
 
 
+def _df_epoch(value):
+    return None if value is None else (int(value) if str(value).isdigit() else value)
+
+
+def _print_version(ctx, _param, value):
+    if value and not ctx.resilient_parsing:
+        from df_mlx.version import version
+
+        click.echo(f"DeepFilterNet (df-mlx) {version}")
+        ctx.exit()
+
+
 @click.command("enhance")
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
+@click.option("-i", "--noisy-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of noisy audio files (df's spelling; instead of INPUTS).")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False), default=".", show_default=True,
               help="Directory for the enhanced files.")
-@click.option("-m", "--model", "model_dir", default=None,
+@click.option("-m", "--model", "--model-base-dir", "model_dir", default=None,
               help="Converted model directory, upstream model directory, or a pretrained name "
                    "(default: the embedded DeepFilterNet3).")
+@click.option("-e", "--epoch", default="best", show_default=True,
+              help="Checkpoint of a training or upstream directory: best, latest, a number, or none (untrained).")
 @click.option("-a", "--atten-lim", type=float, default=None, callback=_check_finite_option,
               help="Attenuation limit in dB.")
 @click.option("--pf", is_flag=True, help="Post-filter: slightly more attenuation of very noisy parts.")
-@click.option("--compensate-delay/--no-compensate-delay", default=True, show_default=True,
-              help="Align the output with the input (remove the STFT delay).")
+@click.option("--compensate-delay/--no-compensate-delay", "--delay-compensation/--no-delay-compensation",
+              default=True, show_default=True, help="Align the output with the input (remove the STFT delay).")
+@click.option("--no-df-stage", is_flag=True, help="Run the model without its deep-filtering stage (mask only).")
 @click.option("--suffix/--no-suffix", default=True, show_default=True,
               help="Add the model name to output file names.")
 @click.option("--log-level", default="WARNING", show_default=True)
-def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, suffix, log_level):
+@click.option("-d", "--debug", "log_level", flag_value="DEBUG", help="Log level DEBUG (df's -d).")
+@click.option("--device", default=None, help="cpu or gpu (torch's cuda, mps map to MLX's GPU).")
+@click.option("-v", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print the version and exit.")
+def enhance_cmd(inputs, noisy_dir, output_dir, model_dir, epoch, atten_lim, pf, compensate_delay, no_df_stage,
+                suffix, log_level, device):
     """Enhance noisy audio files (any sample rate, any number of channels)."""
     from tqdm import tqdm
 
-    from df_mlx.enhance import init_df
+    from df_mlx.loading import init_df
 
-    files = expand_inputs(inputs)
+    if noisy_dir is not None and inputs:
+        raise click.ClickException("give either INPUTS or --noisy-dir, not both")
+    files = expand_inputs([noisy_dir] if noisy_dir is not None else inputs)
     if not files:
         raise click.ClickException("no input files found")
     try:
@@ -314,7 +342,14 @@ def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, 
     if not os.access(output_dir, os.W_OK):
         raise click.ClickException(f"output directory is not writable: {output_dir}")
     try:
-        model, df_state, model_suffix = init_df(model_dir, post_filter=pf, log_level=log_level, log_file=None)
+        if device is not None:
+            import mlx.core as mx
+
+            from df_mlx.utils import mlx_device
+
+            mx.set_default_device(mlx_device(device, "for --device"))
+        model, df_state, model_suffix = init_df(model_dir, post_filter=pf, log_level=log_level, log_file=None,
+                                                epoch=_df_epoch(epoch), mask_only=no_df_stage)
     except (OSError, ValueError) as e:  # ValueError: a model that is not one (ModelDirError, CheckpointError)
         raise click.ClickException(_reason(e))
     jobs = plan_jobs(files, output_dir, model_suffix if suffix else None)

@@ -30,7 +30,9 @@ from df_mlx.model import ModelParams
 from df_mlx.scripts import dnsmos_dns5 as dnsmos5
 from df_mlx.scripts.dnsmos import dnsmos_local, local_onnx_models
 from df_mlx.sepm import composite as composite_py
+from df_mlx.io import get_resample_params  # noqa: F401  (re-exported, as df.evaluation_utils)
 from df_mlx.utils import as_complex
+from df_mlx.utils import get_device  # noqa: F401  (re-exported, as df.evaluation_utils)
 
 HAS_OCTAVE = True
 RESAMPLE_METHOD = "sinc_fast"
@@ -286,7 +288,7 @@ class Metric(ABC):
 
     def maybe_resample(self, x) -> np.ndarray:
         x = as_numpy(x)
-        return resample(x, self.source_sr, self.sr, method=RESAMPLE_METHOD) if self.resample else x
+        return resample(np.asarray(x), self.source_sr, self.sr, method=RESAMPLE_METHOD) if self.resample else x
 
     def _check(self, clean, other, fn):
         if np.shape(clean) != np.shape(other):

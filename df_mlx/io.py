@@ -15,7 +15,12 @@ import numpy as np
 import soundfile as sf
 from loguru import logger
 
+from df_mlx.interop import kind_of, like, numpy_dtype, to_numpy
 from df_mlx.logger import warn_once
+from df_mlx.utils import download_file, get_cache_dir, get_git_root
+
+TEST_SAMPLE = os.path.join("assets", "clean_freesound_33711.wav")
+TEST_SAMPLE_URL = "https://github.com/Rikorose/DeepFilterNet/raw/main/" + TEST_SAMPLE.replace(os.sep, "/")
 
 
 class AudioError(ValueError):
@@ -81,18 +86,27 @@ def output_path(file: str, output_dir: Optional[str] = None, suffix: Optional[st
     return outpath
 
 
+def to_pcm16(audio: np.ndarray) -> np.ndarray:
+    """Float audio -> int16 as df writes it: scaled by 2^15 and truncated toward zero (torch's
+    float-to-int cast); beyond full scale it clips, where df's cast wraps around."""
+    scaled = np.trunc(np.asarray(audio, dtype=np.float32) * np.float32(1 << 15))
+    return np.clip(scaled, -(1 << 15), (1 << 15) - 1).astype(np.int16)
+
+
 def save_audio(file: str, audio, sr: int, output_dir: Optional[str] = None, suffix: Optional[str] = None,
                log: bool = False, dtype=np.int16) -> str:
-    """Write [C, T] (or [T]) audio as 16-bit PCM (df's default; float input is scaled by 2^15)
-    or float32; atomically. Returns the path written."""
+    """Write [C, T] (or [T]) audio (torch, MLX or numpy) as 16-bit PCM (df's default; float
+    input is scaled by 2^15 and truncated, as df) or float32 (`dtype` a torch, MLX or numpy
+    dtype); atomically. Returns the path written."""
     outpath = output_path(file, output_dir, suffix)
     if log:
         logger.info(f"Saving audio file '{outpath}'")
-    audio = np.asarray(audio)
+    audio = to_numpy(audio)
+    dtype = numpy_dtype(dtype)
     if audio.ndim == 1:
         audio = audio[None]
     if np.dtype(dtype) == np.int16 and audio.dtype != np.int16:
-        audio = np.clip(audio.astype(np.float32) * (1 << 15), -(1 << 15), (1 << 15) - 1).astype(np.int16)
+        audio = to_pcm16(audio)
         subtype = "PCM_16"
     elif np.dtype(dtype) == np.float32:
         audio = audio.astype(np.float32) / (1 << 15) if audio.dtype == np.int16 else audio.astype(np.float32)
@@ -216,10 +230,24 @@ class Resampler:
         return out.reshape(*shape, -1)
 
 
-def resample(audio, orig_sr: int, new_sr: int, method="sinc_fast") -> np.ndarray:
+def resample(audio, orig_sr: int, new_sr: int, method="sinc_fast"):
     """Band-limited resampling of [..., T] audio as `df.io.resample` (torchaudio's sinc
-    resampler with df's presets); output length ceil(T * new_sr / orig_sr)."""
+    resampler with df's presets); output length ceil(T * new_sr / orig_sr), of the input's
+    kind (torch, MLX or numpy: df_mlx.interop)."""
+    kind, audio = kind_of(audio), to_numpy(audio).astype(np.float32)
     r = Resampler(orig_sr, new_sr, method)
     if r.identity:
-        return np.asarray(audio, dtype=np.float32)
-    return np.concatenate([r.process(audio), r.flush()], axis=-1)
+        return like(audio, kind)
+    return like(np.concatenate([r.process(audio), r.flush()], axis=-1), kind)
+
+
+def get_test_sample(sr: int = 48000) -> mx.array:
+    """df's test sample (assets/clean_freesound_33711.wav) at `sr`: from the git checkout
+    df-mlx runs in, else from df's cache folder, where df downloads it; df-mlx does not
+    download (download_file says where to put it)."""
+    root = get_git_root()
+    path = os.path.join(root, TEST_SAMPLE) if root is not None else None
+    if path is None or not os.path.isfile(path):
+        path = download_file(TEST_SAMPLE_URL, get_cache_dir())
+    sample, _ = load_audio(path, sr=sr)
+    return sample

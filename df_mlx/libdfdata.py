@@ -322,6 +322,34 @@ def noisy_features(noisy: np.ndarray, erb_widths: np.ndarray, nb_spec: int, norm
     return erb_norm(erb(noisy, erb_widths), norm_alpha), unit_norm(noisy[..., :nb_spec], norm_alpha)
 
 
+@dataclass
+class Batch:
+    """The fields df.train reads from a libdfdata batch: complex spectra [B, 1, T, F] of the
+    clean speech and the noisy mixture, ERB features [B, 1, T, E], complex normalised spectral
+    features [B, 1, T, nb_df] and the mixing SNR per sample; libdfdata here also fills
+    the sample ids, lengths (frames before padding), speech gains and max frequencies."""
+
+    speech: mx.array
+    noisy: mx.array
+    feat_erb: mx.array
+    feat_spec: mx.array
+    snr: mx.array
+    ids: Optional[mx.array] = None
+    timings: Optional[np.ndarray] = None
+    lengths: Optional[mx.array] = None
+    gain: Optional[mx.array] = None
+    max_freq: Optional[mx.array] = None
+
+    def __len__(self) -> int:
+        return self.noisy.shape[0]
+
+    def slice(self, idx: np.ndarray) -> "Batch":
+        take = lambda x: None if x is None else x[mx.array(idx)]  # noqa: E731
+        return Batch(take(self.speech), take(self.noisy), take(self.feat_erb), take(self.feat_spec),
+                     take(self.snr), take(self.ids), None, take(self.lengths), take(self.gain),
+                     take(self.max_freq))
+
+
 def spectral_sample(sample: dict, df_state, nb_spec: int, norm_alpha: float) -> dict:
     """libdfdata's FftDataset: STFTs of speech and noisy [C, T, F] and the noisy features."""
     speech, noisy = df_state.analysis(sample["speech"]), df_state.analysis(sample["noisy"])
@@ -330,9 +358,7 @@ def spectral_sample(sample: dict, df_state, nb_spec: int, norm_alpha: float) -> 
 
 
 def collate(samples: List[dict], n_frames: int):
-    """A df_mlx.train.Batch of samples zero-padded along time to `n_frames`, as libdfdata."""
-    from df_mlx.train import Batch
-
+    """A Batch of samples zero-padded along time to `n_frames`, as libdfdata."""
     def stack(key):
         return mx.array(np.stack([np.pad(s[key], [(0, 0), (0, max(0, n_frames - s[key].shape[1])), (0, 0)])
                                   for s in samples]))

@@ -7,7 +7,8 @@ from typing import Dict, Optional, Tuple
 
 from loguru import logger
 
-from df_mlx.utils import get_branch_name, get_commit_hash, get_host
+from df_mlx.modules import GroupedLinearEinsum  # noqa: F401  (df.logger imports it for its FLOP hook)
+from df_mlx.utils import get_branch_name, get_commit_hash, get_device, get_host  # noqa: F401
 
 _logger_initialized = False
 WARN_ONCE_NO = logger.level("WARNING").no + 1
@@ -151,3 +152,21 @@ def log_metrics(prefix: str, metrics: Dict[str, float], level="INFO"):
         logger.log(level, prefix + msg)
     if len(loss_msg) > 0:
         logger.log(level, prefix + loss_msg)
+
+
+def log_model_summary(model, verbose: bool = False):
+    """Log the model's parameter count as df does ("Model complexity: ...M #Params"), and with
+    `verbose` each top-level module's; returns the count. df also counts MACs with ptflops, a
+    torch-only tool: df-mlx leaves MACs out."""
+    from mlx.utils import tree_flatten
+
+    def count(module) -> int:  # torch's parameters() are MLX's trainable ones (no BatchNorm statistics)
+        return sum(v.size for _, v in tree_flatten(module.trainable_parameters()))
+
+    if verbose:
+        for name, child in model.children().items():
+            if hasattr(child, "trainable_parameters"):
+                logger.info(f"  {name}: {count(child) / 1e6:.3f}M #Params")
+    n = count(model)
+    logger.info(f"Model complexity: {n / 1e6:.3f}M #Params")
+    return n

@@ -17,6 +17,10 @@ from df_mlx.config import Csv, config
 from df_mlx.model import ModelParams
 from df_mlx.modules import LocalSnrTarget, Mask, _hann_window, erb_fb
 from df_mlx.utils import angle, as_complex
+from df_mlx.io import resample  # noqa: F401  (re-exported, as df.loss)
+from df_mlx.libdf import DF  # noqa: F401  (re-exported, as df.loss)
+from df_mlx.stoi import stoi  # noqa: F401  (re-exported, as df.loss)
+from df_mlx.utils import get_device  # noqa: F401  (re-exported, as df.loss)
 
 
 def _abs(x: mx.array) -> mx.array:

@@ -16,7 +16,7 @@ import numpy as np
 from df_mlx.layers import GRU, BatchNorm2d, ConstantPad2d, Conv2d, ConvTranspose2d, pad_axis
 from df_mlx.libdf import unit_norm_init
 from df_mlx.model import ModelParams
-from df_mlx.utils import as_complex, as_real, get_device  # noqa: F401  (re-exported, as df.modules)
+from df_mlx.utils import as_complex, as_real, get_device, get_norm_alpha  # noqa: F401  (re-exported, as df.modules)
 
 
 def erb_fb(widths: np.ndarray, sr: int, normalized: bool = True, inverse: bool = False) -> mx.array:

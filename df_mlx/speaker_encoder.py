@@ -7,7 +7,7 @@ power spectrogram (librosa's, 25 ms windows, 10 ms hop, as resemblyzer computes 
 a 3-layer LSTM(256); the last layer's final hidden state -> linear -> ReLU -> L2 norm, and the
 utterance embedding is the L2-normed mean of the partials'. The weights are resemblyzer's
 `pretrained.pt`, read from the installed package without importing it (its `__init__` needs
-webrtcvad) with torch (`weights_only=True`), or from a given file.
+webrtcvad) by df-mlx's torch-free checkpoint reader, or from a given file.
 """
 
 import importlib.util
@@ -43,20 +43,17 @@ def pretrained_path() -> Path:
 
 def load_weights(path: Union[str, Path]) -> dict:
     """The LSTM and linear tensors of a resemblyzer checkpoint (its `model_state`)."""
+    from converters.torch_ckpt import CheckpointError, load
+
     try:
-        import torch
-    except ImportError:
-        raise SpeakerEncoderError("reading resemblyzer's pretrained.pt needs torch") from None
-    try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = checkpoint["model_state"]
-    except Exception as e:  # a corrupt, hostile or foreign file: one line for the user
+        state = load(Path(path))["model_state"]
+    except (CheckpointError, KeyError, TypeError) as e:  # a corrupt, hostile or foreign file: one line
         raise SpeakerEncoderError(f"{path}: not a resemblyzer checkpoint ({type(e).__name__}: {e})") from None
     names = [f"lstm.{kind}_l{k}" for k in range(LAYERS) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     missing = [n for n in names + ["linear.weight", "linear.bias"] if n not in state]
     if missing:
         raise SpeakerEncoderError(f"{path}: missing {', '.join(missing)}")
-    return {name: mx.array(state[name].float().numpy()) for name in names + ["linear.weight", "linear.bias"]}
+    return {name: mx.array(np.asarray(state[name], dtype=np.float32)) for name in names + ["linear.weight", "linear.bias"]}
 
 
 def partial_slices(n_samples: int, rate: float = 1.3, min_coverage: float = 0.75) -> Tuple[list, list]:

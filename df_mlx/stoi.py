@@ -21,6 +21,7 @@ import numpy as np
 from loguru import logger
 
 from df_mlx.io import Resampler
+from df_mlx.io import resample  # noqa: F401  (re-exported, as df.stoi)
 
 EPS = np.finfo("float").eps
 

@@ -33,6 +33,13 @@ def _streamable_layers(model):
                 raise ValueError(f"{name}: a time padding of {module.padding} cannot stream")
 
 
+# enhance() and `dfmlx enhance` run longer inputs through StreamingEnhancer in blocks of this
+# length, which gives the whole-signal result within float32 rounding (tests/test_streaming.py)
+# in bounded memory;
+# whole, a minute's feature maps are 150 MB each, and MLX's CPU build, which keeps only 32 MB
+# of freed buffers for reuse, takes fresh pages from the OS for every op (25 % slower per frame).
+BLOCK_SECONDS = 10.0
+
 # Calls of up to this many frames run the network as one compiled MLX graph: a 10 ms hop is
 # ~600 small ops whose fixed cost dominates, and replaying the compiled graph fuses them and skips
 # building it in Python (about 20 % less time per hop on a 2-core x86 CPU, identical output).
@@ -108,11 +115,12 @@ class StreamingEnhancer:
         return self._frames(np.concatenate([st.analysis(x[c : c + 1, :full], reset=False)
                                             for c, st in enumerate(self.channel_states)]))
 
-    def flush(self) -> np.ndarray:
+    def flush(self, pad: bool = True) -> np.ndarray:
         """Finish as offline `enhance(pad=True)` does: fft_size zero samples, then the
-        conv_lookahead zero feature frames; the stream is reset afterwards."""
+        conv_lookahead zero feature frames; or as `enhance(pad=False)`: the zero feature
+        frames only (the incomplete last hop dropped). The stream is reset afterwards."""
         channels = self.pending.shape[0] if self.pending is not None else 1
-        out = [self.process(np.zeros((channels, self.n_fft), np.float32))]
+        out = [self.process(np.zeros((channels, self.n_fft if pad else 0), np.float32))]
         out.append(self._estimate_and_output(None, extra_zero_frames=self.conv_la, final=True))
         self.reset()
         return np.concatenate(out, axis=1)

@@ -41,11 +41,16 @@ from tqdm import tqdm
 from df_mlx import config_check, interrupt, optim
 from df_mlx.checkpoint import check_patience, read_cp, write_cp
 from df_mlx.config import Csv, config
+from df_mlx.libdfdata import Batch, DataLoader, noisy_features
 from df_mlx.logger import log_metrics
 from df_mlx.loss import Istft, Loss
 from df_mlx.lr import cosine_scheduler
 from df_mlx.model import ModelParams
 from df_mlx.utils import as_complex, as_real, check_finite_module, get_norm_alpha, make_np
+from df_mlx.checkpoint import cleanup, load_model  # noqa: F401  (re-exported, as df.train)
+from df_mlx.libdf import DF  # noqa: F401  (re-exported, as df.train)
+from df_mlx.logger import init_logger, log_model_summary  # noqa: F401  (re-exported, as df.train)
+from df_mlx.utils import check_manual_seed, detach_hidden, get_device, get_host  # noqa: F401  (re-exported, as df.train)
 
 should_stop = False  # set by a caller's signal handler: stop after the current epoch
 debug = False
@@ -56,41 +61,11 @@ MAX_NANS = 50
 Grads = Dict[str, Optional[mx.array]]
 
 
-@dataclass
-class Batch:
-    """The fields df.train reads from a libdfdata batch: complex spectra [B, 1, T, F] of the
-    clean speech and the noisy mixture, ERB features [B, 1, T, E], complex normalised spectral
-    features [B, 1, T, nb_df] and the mixing SNR per sample; df_mlx.libdfdata also fills
-    the sample ids, lengths (frames before padding), speech gains and max frequencies."""
-
-    speech: mx.array
-    noisy: mx.array
-    feat_erb: mx.array
-    feat_spec: mx.array
-    snr: mx.array
-    ids: Optional[mx.array] = None
-    timings: Optional[np.ndarray] = None
-    lengths: Optional[mx.array] = None
-    gain: Optional[mx.array] = None
-    max_freq: Optional[mx.array] = None
-
-    def __len__(self) -> int:
-        return self.noisy.shape[0]
-
-    def slice(self, idx: np.ndarray) -> "Batch":
-        take = lambda x: None if x is None else x[mx.array(idx)]  # noqa: E731
-        return Batch(take(self.speech), take(self.noisy), take(self.feat_erb), take(self.feat_spec),
-                     take(self.snr), take(self.ids), None, take(self.lengths), take(self.gain),
-                     take(self.max_freq))
-
-
 def make_batch(clean, noise, snrs: Sequence[float], df_state, nb_df: int) -> Batch:
     """Mix clean [B, T] and noise [B, T] audio at `snrs` (dB) and compute df's model inputs
     (libdf STFT, erb_norm'd ERB features, unit_norm'd spectral features) with df_mlx.libdf.
     libdfdata also augments (reverb, gains, filters); this keeps only the mixing, so batches
     stay reproducible without the Rust loader."""
-    from df_mlx.libdfdata import noisy_features
-
     clean, noise = np.asarray(clean, np.float32), np.asarray(noise, np.float32)
     snrs = np.asarray(snrs, np.float32)
     gain = np.sqrt(np.mean(clean**2, -1) / np.maximum(np.mean(noise**2, -1), 1e-10) / 10 ** (snrs / 10))
@@ -549,7 +524,6 @@ def get_sigusr1_handler(base_dir: str):
 
 def setup_dataloader(data_config_file: str, data_dir: str, p: ModelParams, seed: int, log_level: str):
     """df.train's loader, with df's config keys and defaults, as df_mlx.libdfdata.DataLoader."""
-    from df_mlx.libdfdata import DataLoader
 
     bs = config("BATCH_SIZE", 1, int, section="train")
     bs_eval = config("BATCH_SIZE_EVAL", 0, int, section="train")

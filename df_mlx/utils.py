@@ -15,6 +15,7 @@ from loguru import logger
 from mlx.utils import tree_flatten
 
 from df_mlx.config import DfParams, config
+from df_mlx.model import ModelParams  # noqa: F401  (df.utils re-exports it)
 
 
 def get_device() -> mx.Device:
@@ -22,11 +23,17 @@ def get_device() -> mx.Device:
     s = config("DEVICE", default="", section="train")
     if s == "":
         return mx.Device(mx.gpu) if mx.is_available(mx.gpu) else mx.Device(mx.cpu)
-    kind = s.split(":")[0].lower()
+    return mlx_device(s, "in [train] DEVICE")
+
+
+def mlx_device(name: str, where: str = "") -> mx.Device:
+    """A torch device name (cpu, cuda, cuda:0, mps) or an MLX one (cpu, gpu, metal) as the
+    MLX device: every accelerator is MLX's GPU."""
+    kind = name.split(":")[0].lower()
     if kind in ("cuda", "mps", "metal"):
         kind = "gpu"
     if kind not in ("cpu", "gpu"):
-        raise ValueError(f"Unknown device '{s}' in [train] DEVICE (use cpu or gpu)")
+        raise ValueError(f"Unknown device '{name}'{' ' + where if where else ''} (use cpu or gpu)")
     return mx.Device(getattr(mx, kind))
 
 
@@ -184,3 +191,54 @@ def apply_to_tensor(input_, func):
 def detach_hidden(hidden: Any) -> Any:
     """Cut the gradient graph through recurrent hidden states."""
     return apply_to_tensor(hidden, mx.stop_gradient)
+
+
+class DownloadUnavailable(OSError):
+    """df would download this file; df-mlx runs offline. The message says where to put it."""
+
+
+def download_file(url: str, download_dir: str, extract: bool = False) -> str:
+    """df's `download_file` without the network: `download_dir/<name>` as df writes it. A local
+    path or file:// URL is copied there; a file already there (downloaded before, by df or by
+    hand) is used as it is; anything else raises DownloadUnavailable. `extract` unpacks a zip
+    into `download_dir` (removing the archive only when this call copied it, as df removes
+    its download)."""
+    import shutil
+    import zipfile
+    from urllib.parse import unquote, urlparse
+
+    local_filename = os.path.join(download_dir, unquote(url.rstrip("/").split("/")[-1]))
+    parsed = urlparse(url)
+    source = unquote(parsed.path) if parsed.scheme == "file" else (url if parsed.scheme == "" else None)
+    copied = False
+    if source is not None and os.path.isfile(source):
+        if not (os.path.exists(local_filename) and os.path.samefile(source, local_filename)):
+            os.makedirs(download_dir, exist_ok=True)
+            shutil.copyfile(source, local_filename)
+            copied = True
+    elif not os.path.isfile(local_filename):
+        raise DownloadUnavailable(f"df-mlx does not download: fetch {url} yourself and save it as {local_filename}")
+    if extract:
+        if os.path.splitext(local_filename)[1] != ".zip":
+            raise ValueError(f"cannot extract {local_filename}: only .zip files are supported")
+        with zipfile.ZipFile(local_filename) as zf:
+            zf.extractall(download_dir)
+        if copied:
+            os.remove(local_filename)
+    return local_filename
+
+
+def get_cache_dir() -> str:
+    """df's cache folder for downloaded models and samples (where df keeps `DeepFilterNet2`
+    etc.): appdirs' user cache dir, as df; platformdirs' (the same folder) when only that is
+    installed; else ~/.cache/DeepFilterNet/ (Linux) or ~/Library/Caches/DeepFilterNet (macOS)."""
+    import sys
+
+    for module in ("appdirs", "platformdirs"):
+        try:
+            return __import__(module).user_cache_dir("DeepFilterNet")
+        except ImportError:
+            pass
+    if sys.platform == "darwin":
+        return os.path.expanduser("~/Library/Caches/DeepFilterNet")
+    return os.path.expanduser("~/.cache/DeepFilterNet/")

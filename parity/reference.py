@@ -141,3 +141,32 @@ def load_configs(ini_text: str, tmp_dir: Path) -> Path:
     import_ref("config").config.load(str(path), allow_reload=True)
     mlx_config.load(str(path), allow_reload=True)
     return path
+
+
+def public_names(module: str) -> set:
+    """The public names `dir(df.<module>)` shows that belong to df's API: what the module
+    defines (functions, classes, assigned names) and what it re-exports from df itself or
+    libdf. Read from the source, so that df.io and df.enhance (torchaudio) need not import;
+    imports of other packages (torch, typing, os ...) are not df's API. "" is df/__init__."""
+    import ast
+
+    df_dir = load_reference().path
+    path = df_dir / ("__init__.py" if module == "" else module.replace(".", "/") + ".py")
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign) or (isinstance(node, ast.AnnAssign) and node.value is not None):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").split(".")[0] in ("df", "libdf")):
+            names.update(a.asname or a.name for a in node.names)
+    return {n for n in names if not n.startswith("_")}
+
+
+def modules() -> list:
+    """df's modules by dotted name ("" for df/__init__), scripts included."""
+    df_dir = load_reference().path
+    found = [p.relative_to(df_dir).with_suffix("").as_posix().replace("/", ".")
+             for p in sorted(df_dir.glob("*.py")) + sorted((df_dir / "scripts").glob("*.py"))]
+    return ["" if m == "__init__" else m for m in found if m != "scripts.__init__"]

@@ -116,7 +116,7 @@ def test_two_streams_on_one_model(setup):
 def test_long_inputs_run_in_blocks(setup, monkeypatch):
     """enhance() of an input longer than BLOCK_SECONDS streams it in blocks with the
     whole-signal result; models that cannot stream keep the whole-signal path."""
-    import df_mlx.enhance as enhance_module
+    import df_mlx.offline as enhance_module  # enhance's pipeline
 
     model, df_state, audio, offline, _ = setup
     calls = []

@@ -19,6 +19,11 @@ from typing import Dict, List, Tuple
 import numpy as np
 import numpy.polynomial.polynomial as poly
 
+from df_mlx.interop import to_numpy as as_numpy  # noqa: F401  (re-exported, as df.scripts.dnsmos)
+from df_mlx.io import load_audio  # noqa: F401  (re-exported, as df.scripts.dnsmos)
+from df_mlx.logger import init_logger, log_metrics  # noqa: F401  (re-exported, as df.scripts.dnsmos)
+from df_mlx.utils import download_file, get_cache_dir  # noqa: F401  (re-exported, as df.scripts.dnsmos)
+
 COEFS_SIG = np.array([9.651228012789436761e-01, 6.592637550310214145e-01, 7.572372955623894730e-02])
 COEFS_BAK = np.array([-3.733460011101781717e00, 2.700114234092929166e00, -1.721332907340922813e-01])
 COEFS_OVR = np.array([8.924546794696789354e-01, 6.609981731940616223e-01, 7.600269530243179694e-02])

@@ -17,7 +17,10 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 from loguru import logger
 
+from df_mlx.io import load_audio, resample, save_audio  # noqa: F401  (re-exported, as df.scripts.dnsmos_dns5)
+from df_mlx.logger import init_logger, log_metrics  # noqa: F401  (re-exported, as df.scripts.dnsmos_dns5)
 from df_mlx.scripts.dnsmos import get_ort_session, isclose
+from df_mlx.utils import download_file, get_cache_dir  # noqa: F401  (re-exported, as df.scripts.dnsmos_dns5)
 
 SAMPLING_RATE = 16000
 INPUT_LENGTH = 9.01

@@ -27,7 +27,9 @@ from typing import Dict, List, Optional
 import numpy as np
 from loguru import logger
 
+from df_mlx.io import resample  # noqa: F401  (re-exported, as df.scripts.prepare_data)
 from df_mlx.libdfdata import AUDIO_SUFFIXES, I16_MAX
+from df_mlx.logger import init_logger  # noqa: F401  (re-exported, as df.scripts.prepare_data)
 
 VALID_TYPES = ("speech", "noise", "noisy", "rir")
 
