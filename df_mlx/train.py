@@ -34,7 +34,7 @@ from loguru import logger
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from df_mlx import optim
+from df_mlx import distributed, optim
 from df_mlx.checkpoint import check_patience, read_cp, write_cp
 from df_mlx.config import Csv, config
 from df_mlx.logger import log_metrics
@@ -126,7 +126,8 @@ class BatchLoader:
             order = np.random.default_rng(seed).permutation(order)
         bs = self.get_batch_size(split)
         for i in range(self.len(split)):
-            yield samples.slice(order[i * bs : (i + 1) * bs])
+            idx = order[i * bs : (i + 1) * bs]
+            yield samples.slice(distributed.local_share(idx) if split == "train" else idx)
 
 
 def _param_names(model, mask_only: bool, df_only: bool) -> List[str]:
@@ -270,8 +271,10 @@ def _none_if_unreached(grads: Grads) -> Grads:
 
 
 def compute_grads(model, losses: Loss, batch: Batch, zero_grad_is_none: bool = True) -> Tuple[mx.array, tuple, Grads]:
-    """Loss, model outputs and the raw gradient of every trainable parameter, by name."""
+    """Loss, model outputs and the raw gradient of every trainable parameter, by name; with
+    several ranks the loss and gradients are their averages over the ranks' batches."""
     (err, outputs), grads = nn.value_and_grad(model, lambda: forward_loss(model, losses, batch))()
+    err, grads = distributed.average_gradients(err, grads)
     flat: Grads = dict(tree_flatten(grads))
     return err, outputs, _none_if_unreached(flat) if zero_grad_is_none else flat
 
@@ -294,6 +297,7 @@ def train_step(model, opt: optim.Optimizer, losses: Loss, batch: Batch, max_norm
     clipped, total = clip_grad_norm_(grads, max_norm, error_if_nonfinite=True)
     opt.step(model, clipped)
     mx.eval(err, model.parameters(), opt.state)
+    distributed.step_done()
     return StepResult(err, total, grads, outputs)
 
 
@@ -364,7 +368,7 @@ def _log_step(epoch, i, max_steps, l_mem, opt, losses, batch, outputs, summary_d
         l_dict.update({n: float(mx.stack(vals[-bs:]).mean().item()) for n, vals in losses.get_summaries()})
     step = str(i).rjust(len(str(max_steps)))
     log_metrics(f"[{epoch}] [{step}/{max_steps}]", l_dict)
-    if summary_dir is not None and state is not None:
+    if summary_dir is not None and state is not None and distributed.is_writer():
         enh, _, lsnr, _ = outputs
         summary_write(batch.speech, batch.noisy, enh, batch.snr, lsnr, summary_dir, prefix=split)
 
@@ -415,7 +419,7 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
     max_epochs = config("MAX_EPOCHS", 10, int, section="train")
     lrs, wds = setup_lrs(len(loader)), setup_wds(len(loader))
     if not resume and os.path.isfile(os.path.join(checkpoint_dir, ".patience")):
-        os.remove(os.path.join(checkpoint_dir, ".patience"))
+        distributed.on_writer(os.remove, os.path.join(checkpoint_dir, ".patience"))
     criteria = config("VALIDATION_CRITERIA", "loss", section="train")
     rule = config("VALIDATION_CRITERIA_RULE", "min", section="train").replace("less", "min").replace("more", "max")
     patience = config("EARLY_STOPPING_PATIENCE", 5, int, section="train")
@@ -437,17 +441,17 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
         if debug:
             metrics.update({n: float(mx.stack(v).mean().item()) for n, v in losses.get_summaries()})
         log_metrics(f"[{epoch}] [train]", metrics)
-        write_cp(model, "model", checkpoint_dir, epoch + 1)
-        write_cp(opt, "opt", checkpoint_dir, epoch + 1)
+        distributed.on_writer(write_cp, model, "model", checkpoint_dir, epoch + 1)
+        distributed.on_writer(write_cp, opt, "opt", checkpoint_dir, epoch + 1)
         losses.reset_summaries()
         metrics = _epoch_metrics(run_epoch(model, epoch, loader, "valid", opt, losses, summary_dir,
                                            progress=progress), losses)
-        write_cp(model, "model", checkpoint_dir, epoch + 1, metric=metrics[criteria], cmp=rule)
+        distributed.on_writer(write_cp, model, "model", checkpoint_dir, epoch + 1, metric=metrics[criteria], cmp=rule)
         log_metrics(f"[{epoch}] [valid]", metrics)
-        if not check_patience(checkpoint_dir, max_patience=patience, new_metric=metrics[criteria], cmp=rule,
-                              raise_=False):
+        if not distributed.writer_decides(check_patience, checkpoint_dir, max_patience=patience,
+                                          new_metric=metrics[criteria], cmp=rule, raise_=False):
             break
-        if should_stop:  # df exits the process here: no test run
+        if distributed.any_rank(should_stop):  # df exits the process here: no test run
             logger.info("Stopping training due to timeout")
             return None, epoch
         losses.reset_summaries()
@@ -541,7 +545,8 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     if log_level is not None and debug and log_level.lower() != "debug":
         raise TrainSetupError("Either specify debug or a manual log level")
     log_level = log_level or ("DEBUG" if debug else "INFO")
-    init_logger(file=os.path.join(base_dir, "train.log"), level=log_level, model=base_dir)
+    init_logger(file=os.path.join(base_dir, "train.log") if distributed.is_writer() else None, level=log_level,
+                model=base_dir)
     config_file = os.path.join(base_dir, "config.ini")
     config.load(config_file, allow_reload=True)
     seed = check_manual_seed(config("SEED", 42, int, section="train"))
@@ -553,12 +558,14 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     os.makedirs(checkpoint_dir, exist_ok=True)
     mask_only = config("MASK_ONLY", False, bool, section="train")
     df_only = config("DF_ONLY", False, bool, section="train")
+    distributed.check_batch_size(config("BATCH_SIZE", 1, int, section="train"))
     loader = setup_dataloader(data_config_file, data_dir, p, seed, log_level)
     resume_from = (resumable_epoch(checkpoint_dir) or "latest") if resume else None
     cp_dir = checkpoint_dir if resume else None
     model, epoch = load_model(cp_dir, state, mask_only=mask_only, train_df_only=df_only, epoch=resume_from)
     opt = load_opt(cp_dir, model, mask_only, df_only, epoch=resume_from or "latest")
+    distributed.check_same_start(epoch, model=dict(tree_flatten(model.parameters())), opt=dict(tree_flatten(opt.state)))
     losses = setup_losses()
-    config.save(config_file)
+    distributed.on_writer(config.save, config_file)
     return (loop or train_loop)(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch=epoch, resume=resume,
                                 progress=progress)
