@@ -143,6 +143,7 @@ def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, 
     """Enhance noisy audio files (any sample rate, any number of channels)."""
     from tqdm import tqdm
 
+    from df_mlx import distributed
     from df_mlx.enhance import init_df
     from df_mlx.io import output_path
 
@@ -159,6 +160,8 @@ def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, 
         model, df_state, model_suffix = init_df(model_dir, post_filter=pf, log_level=log_level, log_file=None)
     except (FileNotFoundError, NotADirectoryError, ValueError) as e:
         raise click.ClickException(str(e).splitlines()[0])
+    files = distributed.share_files(  # under mlx.launch: this rank's files, one rank per output path
+        files, key=lambda p: os.path.realpath(output_path(p, output_dir, model_suffix if suffix else None)))
     results: List[FileResult] = []
     for path in tqdm(files, unit="file", disable=len(files) < 2):
         out = output_path(path, output_dir, model_suffix if suffix else None)
@@ -172,7 +175,7 @@ def enhance_cmd(inputs, output_dir, model_dir, atten_lim, pf, compensate_delay, 
         except (InputError, ValueError, OSError) as e:
             results.append(FileResult(path, None, 0.0, time.perf_counter() - t0, str(e).splitlines()[0]))
     _summary(results)
-    if any(r.error for r in results):
+    if distributed.any_rank(any(r.error for r in results)):  # every rank ends with the same status
         raise SystemExit(1)
 
 
