@@ -69,7 +69,7 @@ def _free_port() -> int:
 
 def _launch_cmd(n: int, *command: str) -> list:
     return ["mlx.launch", "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(n), "-p", str(_free_port()),
-            sys.executable, *command]
+            "--", sys.executable, *command]
 
 
 def _env(**extra) -> dict:
@@ -350,3 +350,32 @@ def test_two_rank_enhance_writes_the_same_bytes(tmp_path):
     names = sorted(p.name for p in one.iterdir())
     assert len(names) == 5 and sorted(p.name for p in two.iterdir()) == names
     assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)
+
+
+@pytest.mark.slow
+def test_two_rank_eval_writes_the_same_csv(tmp_path):
+    """`dfmlx eval` over 2 ranks: rank 0's merged CSVs and the means are one process's."""
+    clean, enh, noisy = (tmp_path / d for d in ("clean", "enh", "noisy"))
+    for d in (clean, enh, noisy):
+        d.mkdir()
+    for i, seconds in enumerate((0.6, 0.8, 0.4, 0.7)):
+        n = int(seconds * 48000)
+        speech = clip("speech", i)[:n]
+        sf.write(clean / f"c{i}.wav", speech, 48000, subtype="PCM_16")
+        sf.write(noisy / f"c{i}.wav", speech + 0.3 * clip("noise", i)[:n], 48000, subtype="PCM_16")
+        sf.write(enh / f"c{i}.wav", speech + 0.05 * clip("noise", i)[:n], 48000, subtype="PCM_16")
+    outputs = {}
+    for ranks in (1, 2):
+        args = ["-m", "df_mlx", "eval", str(clean), str(enh), "-n", str(noisy), "--metrics", "stoi,sisdr",
+                "--csv-enh", str(tmp_path / f"enh{ranks}.csv"), "--csv-noisy", str(tmp_path / f"noisy{ranks}.csv")]
+        if ranks == 1:
+            outputs[ranks] = subprocess.run([sys.executable, *args], env=_env(), cwd=ROOT, capture_output=True,
+                                            text=True, check=True).stdout
+        else:
+            outputs[ranks] = launch(2, *args)
+    for kind in ("enh", "noisy"):
+        assert (tmp_path / f"{kind}2.csv").read_bytes() == (tmp_path / f"{kind}1.csv").read_bytes()
+    table = [x for x in outputs[1].splitlines() if x.startswith(("Enhanced", "Noisy"))]
+    assert len(table) == 4 and outputs[2].count("\n".join(table)) == 2, outputs[2][-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".csv") == [
+        "enh1.csv", "enh2.csv", "noisy1.csv", "noisy2.csv"]
