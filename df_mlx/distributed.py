@@ -193,7 +193,7 @@ def batch_moments(x: mx.array, axes: Tuple[int, ...]) -> Tuple[mx.array, mx.arra
 
 
 def step_done():
-    """A step's collectives completed: nothing is waited for until the next one."""
+    """A step's collectives completed (or the step failed): nothing is waited for until the next."""
     _watchdog.disarm()
 
 
@@ -229,12 +229,17 @@ class _Watchdog:
     def __init__(self):
         self.deadline: Optional[float] = None
         self.what = ""
-        self.timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        self.timeout = DEFAULT_TIMEOUT_S
         self.thread: Optional[threading.Thread] = None
 
     def arm(self, what: str):
-        if self.deadline is not None:
-            return
+        """Wait at most the timeout from now (the collectives of a step run after its last arm)."""
+        if self.thread is None:
+            value = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+            try:
+                self.timeout = float(value)
+            except ValueError:
+                raise DistributedError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds") from None
         self.what, self.deadline = what, time.monotonic() + self.timeout
         if self.thread is None:
             self.thread = threading.Thread(target=self._watch, daemon=True, name="dfmlx-dist-watchdog")

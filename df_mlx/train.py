@@ -342,6 +342,7 @@ def run_epoch(model, epoch: int, loader, split: str, opt: optim.Optimizer, losse
                 err, outputs = forward_loss(model, losses, batch)
                 mx.eval(err)
         except (ValueError, RuntimeError) as e:
+            distributed.step_done()
             n_nans = _skip_non_finite(e, model, n_nans, "training step" if is_train else "loss")
             continue
         l_mem.append(mx.stop_gradient(err))
@@ -545,7 +546,8 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     if log_level is not None and debug and log_level.lower() != "debug":
         raise TrainSetupError("Either specify debug or a manual log level")
     log_level = log_level or ("DEBUG" if debug else "INFO")
-    init_logger(file=os.path.join(base_dir, "train.log") if distributed.is_writer() else None, level=log_level,
+    writer = distributed.is_writer()  # the other ranks log warnings and errors only, and to no file
+    init_logger(file=os.path.join(base_dir, "train.log") if writer else None, level=log_level if writer else "WARNING",
                 model=base_dir)
     config_file = os.path.join(base_dir, "config.ini")
     config.load(config_file, allow_reload=True)
