@@ -6,8 +6,8 @@ command; without a launcher the group has one rank and every function here is th
   shares, rank r taking the r-th (`local_share`), so the union over ranks is the
   single-process batch; files are dealt by length (`share_files`).
 - Gradients and the loss are averaged over ranks (`average_gradients`) before clipping.
-- BatchNorm's batch moments are summed over ranks (`batch_moments`); the sum's gradient is
-  summed back, so that averaged gradients equal the gradient of the global batch.
+- BatchNorm's batch moments are combined over ranks (`batch_moments`), their gradient summed
+  back to every rank, so that averaged gradients equal the gradient of the global batch.
 - Only rank 0 writes (`on_writer`); its decisions reach every rank (`writer_decides`).
 - Failure: a lost peer ends the rank with one `Error:` line instead of a traceback; a rank
   left waiting in a collective longer than DFMLX_DIST_TIMEOUT seconds stops itself.
@@ -168,28 +168,35 @@ def average_gradients(loss: mx.array, grads) -> Tuple[mx.array, object]:
 
 
 @mx.custom_function
-def _sum_over_ranks(x: mx.array) -> mx.array:
-    return mx.distributed.all_sum(x)
+def _gather_over_ranks(x: mx.array) -> mx.array:
+    return mx.distributed.all_gather(x)
 
 
-@_sum_over_ranks.vjp
-def _sum_over_ranks_vjp(primals, cotangent, output):
-    # Each rank's loss depends on every rank's moments: its cotangent is the sum over ranks.
-    return mx.distributed.all_sum(cotangent)
+@_gather_over_ranks.vjp
+def _gather_over_ranks_vjp(primals, cotangent, output):
+    # Every rank's loss depends on this rank's part: the sum of their cotangents, this part.
+    x = primals[0] if isinstance(primals, (list, tuple)) else primals
+    k = x.shape[0]
+    return mx.distributed.all_sum(cotangent)[rank() * k : (rank() + 1) * k]
 
 
 def batch_moments(x: mx.array, axes: Tuple[int, ...]) -> Tuple[mx.array, mx.array, int]:
     """Mean, biased variance and element count per channel over `axes`, over every rank's
-    batch (equal shapes on every rank, as local_share makes them): two passes, the sums
-    all-reduced, so the global batch is normalised as one batch."""
+    batch (equal shapes on every rank, as local_share makes them): each rank's mean and sum
+    of squared deviations, gathered in one collective and combined (Chan et al.'s pairwise
+    formula, as accurate as two passes over the whole batch), so the global batch is
+    normalised as one batch."""
     n = x.size // x.shape[-1]
     if size() == 1:
         return x.mean(axes), x.var(axes), n
     _watchdog.arm("computing BatchNorm statistics")
+    local_mean = x.mean(axes)
+    local_m2 = mx.square(x - local_mean).sum(axes)
+    every = _gather_over_ranks(mx.stack([local_mean, local_m2])).reshape(size(), 2, -1)
+    means, m2s = every[:, 0], every[:, 1]
+    mean = means.mean(0)
     count = n * size()
-    mean = _sum_over_ranks(x.sum(axes)) / count
-    var = _sum_over_ranks(mx.square(x - mean).sum(axes)) / count
-    return mean, var, count
+    return mean, (m2s.sum(0) + n * mx.square(means - mean).sum(0)) / count, count
 
 
 def step_done():
