@@ -313,13 +313,23 @@ def _install_failure_handlers():
         # never see it, so a thread woken by the signal itself exits after a grace period.
         read_fd, write_fd = os.pipe()
         os.set_blocking(write_fd, False)
-        signal.set_wakeup_fd(write_fd)
-        threading.Thread(target=_exit_after_sigterm, args=(read_fd,), daemon=True, name="dfmlx-sigterm").start()
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        threading.Thread(target=_exit_after_sigterm, args=(read_fd, previous_fd), daemon=True,
+                         name="dfmlx-sigterm").start()
 
 
-def _exit_after_sigterm(read_fd: int):
-    while signal.SIGTERM not in os.read(read_fd, 64):
-        pass
+def _exit_after_sigterm(read_fd: int, previous_fd: int):
+    """Wait for SIGTERM, passing every signal on to the wakeup fd installed before (another
+    watchdog's), then give the main thread SIGTERM_GRACE_S to unwind before exiting."""
+    while True:
+        data = os.read(read_fd, 64)
+        if previous_fd >= 0:
+            try:
+                os.write(previous_fd, data)
+            except OSError:  # that watchdog is gone (its pipe closed) or its pipe is full
+                pass
+        if signal.SIGTERM in data:
+            break
     time.sleep(SIGTERM_GRACE_S)
     _stop(f"stopped by the launcher because another rank exited; {RESUME_HINT}", 128 + signal.SIGTERM)
 
