@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -32,6 +32,7 @@ DEFAULT_TIMEOUT_S = 600.0  # longest a training step may wait for the other rank
 SIGTERM_GRACE_S = 10.0  # after the launcher's SIGTERM, the rank unwinds for this long, then exits
 RESUME_HINT = "run the same command again to resume from the last checkpoint"
 
+T = TypeVar("T")
 _group: Optional[mx.distributed.Group] = None
 
 
@@ -125,10 +126,11 @@ def deal(lengths: Dict[str, float], world: int) -> Dict[str, int]:
     return owner
 
 
-def share_files(files: List[str], key: Callable[[str], str] = os.path.realpath,
-                seconds: Callable[[str], float] = file_seconds) -> List[str]:
-    """This rank's files, in their given order, balanced by duration; files with the same `key`
-    (their output path) go to one rank, so no two ranks write one path."""
+def share_files(files: Sequence[T], key: Callable[[T], str] = os.path.realpath,
+                seconds: Callable[[T], float] = file_seconds) -> List[T]:
+    """This rank's files (paths, or jobs with `key` and `seconds` to read them), in their given
+    order, balanced by duration; files with the same `key` (their output path) go to one rank,
+    so no two ranks write one path."""
     if size() == 1:
         return list(files)
     keys = [key(f) for f in files]
