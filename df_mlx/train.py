@@ -619,7 +619,7 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     writer = distributed.is_writer()  # the other ranks log warnings and errors only, and to no file
     init_logger(file=os.path.join(base_dir, "train.log") if writer else None, level=log_level if writer else "WARNING",
                 model=base_dir)
-    if earlier and start_over:
+    if earlier and start_over and distributed.is_writer():  # rank 0 moves them; the others do not resume
         logger.info(f"Starting over: the earlier run's checkpoints are now in {move_aside(checkpoint_dir)}")
     config_file = os.path.join(base_dir, "config.ini")
     config.load(config_file, allow_reload=True)
