@@ -8,7 +8,8 @@ local ranks started by `mlx.launch --backend ring` on 127.0.0.1:
 - a rank killed with SIGKILL stops the other within a bounded time with an `Error:` line, and
   the run resumes, at the same world size exactly and at another one within the bound;
 - a stopped (hung) rank: the other stops itself after DFMLX_DIST_TIMEOUT;
-- `dfmlx enhance` over two ranks writes the same bytes as one rank.
+- `dfmlx enhance` over two ranks writes the same bytes as one rank, and `dfmlx eval` the same
+  CSVs and means.
 mlx.launch exits 0 whatever its ranks return, so the tests read the ranks' files and output.
 """
 
