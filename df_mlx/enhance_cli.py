@@ -328,6 +328,7 @@ def enhance_cmd(inputs, noisy_dir, output_dir, model_dir, epoch, atten_lim, pf, 
     """Enhance noisy audio files (any sample rate, any number of channels)."""
     from tqdm import tqdm
 
+    from df_mlx import distributed
     from df_mlx.loading import init_df
 
     if noisy_dir is not None and inputs:
@@ -353,10 +354,12 @@ def enhance_cmd(inputs, noisy_dir, output_dir, model_dir, epoch, atten_lim, pf, 
     except (OSError, ValueError) as e:  # ValueError: a model that is not one (ModelDirError, CheckpointError)
         raise click.ClickException(_reason(e))
     jobs = plan_jobs(files, output_dir, model_suffix if suffix else None)
+    jobs = distributed.share_files(  # under mlx.launch: this rank's jobs, one rank per output path
+        jobs, key=lambda job: os.path.realpath(job.output), seconds=lambda job: distributed.file_seconds(job.source))
     results = [run_job(job, model, df_state, atten_lim, compensate_delay)
                for job in tqdm(jobs, unit="file", disable=len(jobs) < 2)]
     _summary(results)
-    if any(r.error for r in results):
+    if distributed.any_rank(any(r.error for r in results)):  # every rank ends with the same status
         raise SystemExit(1)
 
 

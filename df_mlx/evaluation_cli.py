@@ -15,12 +15,20 @@ resamples them to its own rate.
 Files pair up by name: an enhanced or noisy file matches a clean file with the same name, or
 `<clean stem>_<anything>` with the same extension (what `dfmlx enhance` writes with its model
 suffix), when that match is unique.
+
+Under mlx.launch each rank scores its share of the files (df_mlx.distributed.share_files);
+rank 0 writes the CSVs with every rank's rows in the files' order, and the means are those
+of all files, as one process writes and computes them.
 """
 
+import csv
+import io
 import os
-from typing import Dict, List, Optional
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence
 
 import click
+import numpy as np
 
 from df_mlx.atomic import file_identity
 from df_mlx.enhance_cli import expand_inputs
@@ -102,18 +110,26 @@ def eval_cmd(clean_dir, enhanced_dir, noisy_dir, model_dir, metrics, csv_enh, cs
         raise click.ClickException("--model enhances the noisy files: leave out ENHANCED_DIR to use it")
     noisy_files = match_files(clean_files, noisy_dir, "noisy") if noisy_dir else []
     check_csv_targets(csv_enh, csv_noisy)
-    kw = dict(metrics=names, n_workers=workers, log_percent=-1, csv_path_enh=csv_enh, csv_path_noisy=csv_noisy,
-              progress_bar=True)
+    kw = dict(metrics=names, n_workers=workers, log_percent=-1, progress_bar=True)
+    csvs = (csv_enh, csv_noisy)
     try:
         if enhanced_dir is not None:
             init_logger(level=log_level)
             enh_files = match_files(clean_files, enhanced_dir, "enhanced")
-            means = eu.evaluation_loop_dir_only(clean_files, enh_files, noisy_files, **kw)
+
+            def loop(clean, enh, noisy, **paths):
+                return eu.evaluation_loop_dir_only(clean, enh, noisy, **kw, **paths)
+
+            means = run_sharded(loop, clean_files, [enh_files, noisy_files], clean_files, csvs, bool(noisy_files))
         else:
             from df_mlx.enhance import init_df
 
             model, df_state, _ = init_df(model_dir, log_level=log_level, log_file=None)
-            means = eu.evaluation_loop(df_state, model, clean_files, noisy_files, noisy_metric=True, **kw)
+
+            def loop(clean, noisy, **paths):
+                return eu.evaluation_loop(df_state, model, clean, noisy, noisy_metric=True, **kw, **paths)
+
+            means = run_sharded(loop, clean_files, [noisy_files], noisy_files, csvs, True)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(_one_line(e))
     click.echo(format_means(means))
@@ -144,6 +160,48 @@ def check_csv_targets(*paths: Optional[str]):
         if not first.startswith(CSV_HEADER):
             raise click.ClickException(f"{path}: exists and is not a scores CSV written by dfmlx eval; "
                                        "refusing to replace it")
+
+
+def run_sharded(loop: Callable[..., Dict[str, float]], clean_files: List[str], lists: Sequence[List[str]],
+                row_files: List[str], csv_paths: Sequence[str], with_noisy: bool) -> Dict[str, float]:
+    """`loop(clean, *lists, csv_path_enh=, csv_path_noisy=)` (an evaluation loop) over this
+    rank's share of the files; with several ranks every rank's per-file rows (named by the
+    basenames of `row_files`) are gathered, rank 0 writes the CSVs and all return the means."""
+    from df_mlx import distributed
+    from df_mlx.evaluation_utils import write_csv
+
+    csv_enh, csv_noisy = csv_paths
+    if distributed.size() == 1:
+        return loop(clean_files, *lists, csv_path_enh=csv_enh, csv_path_noisy=csv_noisy)
+    mine = set(distributed.share_files(clean_files))
+    idx = [i for i, f in enumerate(clean_files) if f in mine]
+    texts = {"enh": b"", "noisy": b""}
+    with tempfile.TemporaryDirectory(prefix="dfmlx-eval-") as tmp:
+        parts = {k: os.path.join(tmp, f"{k}.csv") for k in texts}
+        if idx:
+            loop([clean_files[i] for i in idx], *([x[i] for i in idx] if x else x for x in lists),
+                 csv_path_enh=parts["enh"], csv_path_noisy=parts["noisy"] if with_noisy else None)
+        for k, path in parts.items():
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    texts[k] = f.read()
+    order = {os.path.basename(p): i for i, p in enumerate(row_files)}
+    tables = {}
+    for k, text in texts.items():
+        header, rows = [], []
+        for part in distributed.gather_bytes(text):
+            lines = list(csv.reader(io.StringIO(part.decode())))
+            header, rows = (lines[0], rows + lines[1:]) if lines else (header, rows)
+        tables[k] = (header, sorted(rows, key=lambda r: order[r[0]]))
+    means: Dict[str, float] = {}
+    for j, name in enumerate(tables["enh"][0][1:], start=1):
+        if with_noisy:
+            means[f"Noisy    {name}"] = np.mean([float(r[j]) for r in tables["noisy"][1]])
+        means[f"Enhanced {name}"] = np.mean([float(r[j]) for r in tables["enh"][1]])
+    for path, (header, rows) in zip(csv_paths, (tables["enh"], tables["noisy"])):
+        if path is not None and rows:
+            distributed.on_writer(write_csv, path, {r[0]: dict(zip(header[1:], r[1:])) for r in rows})
+    return means
 
 
 def _one_line(e: Exception) -> str:

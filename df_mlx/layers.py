@@ -14,6 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from loguru import logger
 
+from df_mlx import distributed
+
 
 def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
     """torch's `F.linear` (x @ weight.T + bias) on the last axis of x [..., I] with a torch-layout
@@ -361,7 +363,8 @@ class ConvTranspose2d(nn.Module):
 
 class BatchNorm2d(nn.Module):
     """`torch.nn.BatchNorm2d` on NHWC input, with torch's buffers and update rule: batch
-    statistics with the biased variance for normalising, the unbiased one for `running_var`."""
+    statistics with the biased variance for normalising, the unbiased one for `running_var`.
+    Under mlx.launch the statistics are those of every rank's batch together (SyncBatchNorm)."""
 
     trace_layout = "NHWC"
 
@@ -377,10 +380,7 @@ class BatchNorm2d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.training:
-            axes = tuple(range(x.ndim - 1))
-            mean = x.mean(axes)
-            var = x.var(axes)
-            n = x.size // x.shape[-1]
+            mean, var, n = distributed.batch_moments(x, tuple(range(x.ndim - 1)))  # over every rank's batch
             m = self.momentum
             self.running_mean = (1 - m) * self.running_mean + m * mx.stop_gradient(mean)
             self.running_var = (1 - m) * self.running_var + m * mx.stop_gradient(var) * (n / max(n - 1, 1))

@@ -35,6 +35,8 @@ import mlx.core as mx
 import numpy as np
 from loguru import logger
 
+from df_mlx import distributed
+
 SPLITS = ("train", "valid", "test")
 DS_TYPES = ("speech", "noise", "rir")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -434,6 +436,8 @@ class DataLoader:
 
     def len(self, split: str) -> int:
         n, bs = self.dataset_len(split), self.get_batch_size(split)
+        if split == "train":
+            return distributed.n_batches(n, bs, self.drop_last)
         return n // bs if self.drop_last else -(-n // bs)
 
     def __len__(self) -> int:
@@ -465,4 +469,7 @@ class DataLoader:
 
         with ThreadPoolExecutor(self.num_workers) as pool:
             for b in range(self.len(split)):
-                yield collate(list(pool.map(make, order[b * bs : (b + 1) * bs])), n_frames)
+                idx = order[b * bs : (b + 1) * bs]
+                if split == "train":
+                    idx = distributed.local_share(idx)
+                yield collate(list(pool.map(make, idx)), n_frames)

@@ -38,7 +38,7 @@ from loguru import logger
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from df_mlx import config_check, interrupt, optim
+from df_mlx import config_check, distributed, interrupt, optim
 from df_mlx.checkpoint import check_patience, read_cp, write_cp
 from df_mlx.config import Csv, config
 from df_mlx.libdfdata import Batch, DataLoader, noisy_features
@@ -105,7 +105,8 @@ class BatchLoader:
             order = np.random.default_rng(seed).permutation(order)
         bs = self.get_batch_size(split)
         for i in range(self.len(split)):
-            yield samples.slice(order[i * bs : (i + 1) * bs])
+            idx = order[i * bs : (i + 1) * bs]
+            yield samples.slice(distributed.local_share(idx) if split == "train" else idx)
 
 
 def _param_names(model, mask_only: bool, df_only: bool) -> List[str]:
@@ -249,8 +250,10 @@ def _none_if_unreached(grads: Grads) -> Grads:
 
 
 def compute_grads(model, losses: Loss, batch: Batch, zero_grad_is_none: bool = True) -> Tuple[mx.array, tuple, Grads]:
-    """Loss, model outputs and the raw gradient of every trainable parameter, by name."""
+    """Loss, model outputs and the raw gradient of every trainable parameter, by name; with
+    several ranks the loss and gradients are their averages over the ranks' batches."""
     (err, outputs), grads = nn.value_and_grad(model, lambda: forward_loss(model, losses, batch))()
+    err, grads = distributed.average_gradients(err, grads)
     flat: Grads = dict(tree_flatten(grads))
     return err, outputs, _none_if_unreached(flat) if zero_grad_is_none else flat
 
@@ -273,6 +276,7 @@ def train_step(model, opt: optim.Optimizer, losses: Loss, batch: Batch, max_norm
     clipped, total = clip_grad_norm_(grads, max_norm, error_if_nonfinite=True)
     opt.step(model, clipped)
     mx.eval(err, model.parameters(), opt.state)
+    distributed.step_done()
     return StepResult(err, total, grads, outputs)
 
 
@@ -318,6 +322,7 @@ def run_epoch(model, epoch: int, loader, split: str, opt: optim.Optimizer, losse
                 err, outputs = forward_loss(model, losses, batch)
                 mx.eval(err)
         except (ValueError, RuntimeError) as e:
+            distributed.step_done()
             n_nans = _skip_non_finite(e, model, n_nans, "training step" if is_train else "loss")
             continue
         l_mem.append(mx.stop_gradient(err))
@@ -345,7 +350,7 @@ def _log_step(epoch, i, n_steps, l_mem, opt, losses, batch, outputs, summary_dir
         l_dict.update({n: float(mx.stack(vals[-bs:]).mean().item()) for n, vals in losses.get_summaries()})
     step = str(i + 1).rjust(len(str(n_steps)))
     log_metrics(f"[{epoch}] [{step}/{n_steps}]", l_dict)
-    if summary_dir is not None and state is not None:
+    if summary_dir is not None and state is not None and distributed.is_writer():
         enh, _, lsnr, _ = outputs
         with interrupt.writing():
             summary_write(batch.speech, batch.noisy, enh, batch.snr, lsnr, summary_dir, prefix=split)
@@ -397,7 +402,7 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
     max_epochs = config("MAX_EPOCHS", 10, int, section="train")
     lrs, wds = setup_lrs(len(loader)), setup_wds(len(loader))
     if not resume and os.path.isfile(os.path.join(checkpoint_dir, ".patience")):
-        os.remove(os.path.join(checkpoint_dir, ".patience"))
+        distributed.on_writer(os.remove, os.path.join(checkpoint_dir, ".patience"))
     criteria = config("VALIDATION_CRITERIA", "loss", section="train")
     rule = config("VALIDATION_CRITERIA_RULE", "min", section="train").replace("less", "min").replace("more", "max")
     patience = config("EARLY_STOPPING_PATIENCE", 5, int, section="train")
@@ -424,19 +429,20 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
         log_metrics(f"[{epoch}] [train]", metrics)
         interrupt.where = f"epoch {epoch}, writing its checkpoints"
         with interrupt.writing():
-            write_cp(model, "model", checkpoint_dir, epoch + 1)
-            write_cp(opt, "opt", checkpoint_dir, epoch + 1)
+            distributed.on_writer(write_cp, model, "model", checkpoint_dir, epoch + 1)
+            distributed.on_writer(write_cp, opt, "opt", checkpoint_dir, epoch + 1)
         losses.reset_summaries()
         metrics = _epoch_metrics(run_epoch(model, epoch, loader, "valid", opt, losses, summary_dir,
                                            progress=progress), losses)
         with interrupt.writing():  # the .best copy and .patience belong with the epoch's checkpoints
-            write_cp(model, "model", checkpoint_dir, epoch + 1, metric=metrics[criteria], cmp=rule)
+            distributed.on_writer(write_cp, model, "model", checkpoint_dir, epoch + 1, metric=metrics[criteria],
+                                  cmp=rule)
             log_metrics(f"[{epoch}] [valid]", metrics)
-            improving = check_patience(checkpoint_dir, max_patience=patience, new_metric=metrics[criteria], cmp=rule,
-                                       raise_=False)
+            improving = distributed.writer_decides(check_patience, checkpoint_dir, max_patience=patience,
+                                                   new_metric=metrics[criteria], cmp=rule, raise_=False)
         if not improving:
             break
-        if should_stop:  # df exits the process here: no test run
+        if distributed.any_rank(should_stop):  # df exits the process here: no test run
             logger.info("Stopping training due to timeout")
             return None, epoch
         losses.reset_summaries()
@@ -584,8 +590,10 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     if log_level is not None and debug and log_level.lower() != "debug":
         raise TrainSetupError("Either specify debug or a manual log level")
     log_level = log_level or ("DEBUG" if debug else "INFO")
-    init_logger(file=os.path.join(base_dir, "train.log"), level=log_level, model=base_dir)
-    if earlier and start_over:
+    writer = distributed.is_writer()  # the other ranks log warnings and errors only, and to no file
+    init_logger(file=os.path.join(base_dir, "train.log") if writer else None, level=log_level if writer else "WARNING",
+                model=base_dir)
+    if earlier and start_over and distributed.is_writer():  # rank 0 moves them; the others do not resume
         logger.info(f"Starting over: the earlier run's checkpoints are now in {move_aside(checkpoint_dir)}")
     config_file = os.path.join(base_dir, "config.ini")
     config.load(config_file, allow_reload=True)
@@ -597,12 +605,14 @@ def main(data_config_file: str, data_dir: str, base_dir: str, resume: bool = Tru
     os.makedirs(checkpoint_dir, exist_ok=True)
     mask_only = config("MASK_ONLY", False, bool, section="train")
     df_only = config("DF_ONLY", False, bool, section="train")
+    distributed.check_batch_size(config("BATCH_SIZE", 1, int, section="train"))
     loader = setup_dataloader(data_config_file, data_dir, p, seed, log_level)
     resume_from = (resumable_epoch(checkpoint_dir) or "latest") if resume else None
     cp_dir = checkpoint_dir if resume else None
     model, epoch = load_model(cp_dir, state, mask_only=mask_only, train_df_only=df_only, epoch=resume_from)
     opt = load_opt(cp_dir, model, mask_only, df_only, epoch=resume_from or "latest")
+    distributed.check_same_start(epoch, model=dict(tree_flatten(model.parameters())), opt=dict(tree_flatten(opt.state)))
     losses = setup_losses()
-    config.save(config_file)
+    distributed.on_writer(config.save, config_file)
     return (loop or train_loop)(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch=epoch, resume=resume,
                                 progress=progress)

@@ -43,7 +43,7 @@ import numpy as np
 from loguru import logger
 from mlx.utils import tree_flatten, tree_unflatten
 
-from df_mlx import interrupt, optim
+from df_mlx import distributed, interrupt, optim
 from df_mlx import train as base
 from df_mlx.checkpoint import EXTENSION, read_cp, write_cp
 from df_mlx.config import Csv, config
@@ -176,9 +176,11 @@ def train_discriminator_step(disc, opt_disc: optim.Optimizer, gan: GanLoss, real
     RuntimeError before the update), AdamW. Returns the loss."""
     opt_disc.zero_grad()
     d_loss, grads = nn.value_and_grad(disc, lambda: gan.discriminator(disc, real_wav, fake_wav))()
+    d_loss, grads = distributed.average_gradients(d_loss, grads)
     clipped, _ = base.clip_grad_norm_(dict(tree_flatten(grads)), 1.0, error_if_nonfinite=True)
     opt_disc.step(disc, clipped)
     mx.eval(d_loss, disc.parameters(), opt_disc.state)
+    distributed.step_done()
     return d_loss
 
 
@@ -216,10 +218,12 @@ def gan_train_step(model, disc, opt: optim.Optimizer, opt_disc: optim.Optimizer,
         return err + terms["total"], (outputs, err, terms)
 
     (err, (outputs, base_loss, terms)), grads = nn.value_and_grad(model, total)()
+    err, grads = distributed.average_gradients(err, grads)
     grads = base._none_if_unreached(dict(tree_flatten(grads)))
     clipped, norm = base.clip_grad_norm_(grads, 1.0, error_if_nonfinite=True)
     opt.step(model, clipped)
     mx.eval(err, model.parameters(), opt.state, disc.parameters())
+    distributed.step_done()
     return GanStepResult(err, norm, grads, outputs, d_loss, terms, base_loss)
 
 
@@ -277,8 +281,8 @@ class GanTrainer:
         if mem["gan_g"]:
             log_metrics(f"[{epoch}] [train GAN]", {k: float(mx.stack(v).mean().item()) for k, v in mem.items() if v})
         with interrupt.writing():  # kept to the model's history rule: [train] n_checkpoint_history
-            write_cp(self.disc, DISC_CP, self.checkpoint_dir, epoch + 1)
-            write_cp(self.opt_disc, DISC_OPT_CP, self.checkpoint_dir, epoch + 1)
+            distributed.on_writer(write_cp, self.disc, DISC_CP, self.checkpoint_dir, epoch + 1)
+            distributed.on_writer(write_cp, self.opt_disc, DISC_OPT_CP, self.checkpoint_dir, epoch + 1)
         return loss
 
 
@@ -298,8 +302,10 @@ def train_loop(model, opt: optim.Optimizer, loader, losses: Loss, checkpoint_dir
         read_cp(disc, DISC_CP, checkpoint_dir, epoch=disc_epoch)
     trainer = GanTrainer(disc, load_discriminator_opt(checkpoint_dir if resume else None, disc, disc_epoch), GanLoss(),
                          checkpoint_dir)
+    distributed.check_same_start(epoch, disc=dict(tree_flatten(disc.parameters())),
+                                 d_opt=dict(tree_flatten(trainer.opt_disc.state)))
     if config_file is not None:
-        config.save(config_file)
+        distributed.on_writer(config.save, config_file)
     return base.train_loop(model, opt, loader, losses, checkpoint_dir, summary_dir, epoch, resume, progress,
                            train_epoch=trainer.train_epoch)
 
