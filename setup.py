@@ -26,7 +26,8 @@ class CMakeBuild(build_ext):
         target = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / "native"
         build_dir.mkdir(parents=True, exist_ok=True)
-        configure = ["cmake", str(SOURCE_DIR), f"-DPython_EXECUTABLE={sys.executable}",
+        # --fresh: pip's isolated build environment, and with it mlx's path, is new every time
+        configure = ["cmake", "--fresh", str(SOURCE_DIR), f"-DPython_EXECUTABLE={sys.executable}",
                      "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={build_dir}"]
         if shutil.which("ninja"):
             configure.append("-GNinja")

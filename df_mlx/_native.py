@@ -16,6 +16,7 @@ from typing import Optional
 import mlx.core as mx
 from loguru import logger
 
+from df_mlx import _blas
 from df_mlx._blas import pip_openblas
 
 
@@ -54,6 +55,14 @@ _said_why = False
 def blas_library() -> Optional[str]:
     """The library file the native ops' matrix products come from (None without them)."""
     return None if module is None else module.blas_library()
+
+
+def describe() -> str:
+    """Which BLAS and which recurrence path df_mlx runs, in one line."""
+    mlx_blas = _blas.loaded or "MLX's bundled reference BLAS"
+    if module is None:
+        return f"MLX matmuls: {mlx_blas}; recurrences: pure-MLX steps ({reason})"
+    return f"MLX matmuls: {mlx_blas}; recurrences: native primitives on {blas_library()}"
 
 
 def usable(*arrays: mx.array) -> bool:
