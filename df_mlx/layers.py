@@ -250,7 +250,9 @@ def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1,
     x = mx.pad(x, [(0, 0), (padding[0], padding[0]), (padding[1], padding[1]), (0, 0)]) if any(padding) else x
     (sh, sw), (dh, dw) = stride, dilation
     out_hw = ((x.shape[1] - dh * (kh - 1) - 1) // sh + 1, (x.shape[2] - dw * (kw - 1) - 1) // sw + 1)
-    if groups == x.shape[-1] == out_ch and in_per_group == 1:  # depthwise
+    if groups == x.shape[-1] and in_per_group == 1 and out_ch % groups == 0:  # depthwise
+        if out_ch > groups:  # m outputs per input channel: output o reads input o // m
+            x = mx.repeat(x, out_ch // groups, axis=-1)
         taps = _conv_taps(x, (kh, kw), out_hw, stride, dilation)
         return _weighted_sum(w.reshape(out_ch, kh * kw).T, *taps)
     if groups == 1 or groups <= _MAX_DENSE_GROUPS:

@@ -153,6 +153,7 @@ def test_grouped_gru_shapes_and_names():
         ((1, 9, 12, 8), (3, 2, 3, 8), (1, 1), (1, 1), (2, 1), 1),  # narrow, dilated
         ((1, 9, 12, 8), (8, 1, 1, 8), (1, 2), (0, 0), (1, 1), 1),  # pointwise, strided
         ((1, 9, 12, 16), (16, 1, 3, 2), (1, 1), (0, 1), (1, 1), 8),  # many groups: per group
+        ((1, 9, 12, 16), (32, 3, 1, 1), (1, 2), (1, 0), (1, 1), 16),  # depthwise, 2 outputs per channel
         ((1, 9, 12, 4), (4, 5, 5, 4), (1, 1), (2, 2), (1, 1), 1),  # large kernel: mx.conv2d
     ],
 )
