@@ -37,7 +37,8 @@ class CMakeBuild(build_ext):
                            check=True)
             extension = next(build_dir.glob("_kernels*" + target.suffix))
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(build_dir / CBLAS_SHIM, target.parent / CBLAS_SHIM)
+            if sys.platform == "linux":
+                shutil.copyfile(build_dir / CBLAS_SHIM, target.parent / CBLAS_SHIM)
             shutil.copyfile(extension, target)
         except (OSError, subprocess.CalledProcessError, StopIteration) as err:  # no compiler, ...
             print(f"WARNING: df_mlx's native extension was not built ({err}); df_mlx runs its slower "

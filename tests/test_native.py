@@ -205,3 +205,17 @@ def test_native_scan_exp_is_at_least_as_accurate_as_mamba_exp():
     exact = np.exp(a.astype(np.float64))
     pure = np.array(mx.compile(mamba._exp)(mx.array(a)))
     assert _ulp_error(np.array(y).ravel(), exact) <= max(_ulp_error(pure, exact), 1.0)
+
+
+def test_without_the_extension_df_mlx_runs_the_pure_path_and_says_once_why():
+    code = ("import sys; sys.modules['df_mlx._kernels'] = None\n"  # as after a failed build
+            "import mlx.core as mx\nfrom df_mlx import _native, layers\n"
+            "for _ in range(2):\n"
+            "    out, h = layers.gru_scan(mx.zeros((3, 1, 6)), mx.zeros((1, 2)), mx.zeros((6, 2)), None)\n"
+            "print(_native.module, out.shape)")
+    environ = {k: v for k, v in os.environ.items() if k != "DFMLX_NATIVE"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None (3, 1, 2)"
+    assert done.stderr.count("pure-MLX steps (slower on the CPU)") == 1
+    assert "native extension is not built" in done.stderr

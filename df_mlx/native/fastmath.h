@@ -16,6 +16,13 @@ namespace dfmlx {
 
 #define DFMLX_INLINE inline __attribute__((always_inline))
 
+// An AVX2/FMA clone beside the baseline one, chosen by the loader (x86-64 Linux only).
+#if defined(__x86_64__) && defined(__linux__)
+#define DFMLX_SIMD_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define DFMLX_SIMD_CLONES
+#endif
+
 DFMLX_INLINE float bits_to_float(int32_t i) {
   float f;
   std::memcpy(&f, &i, sizeof f);

@@ -14,7 +14,7 @@ namespace {
 // out = GRU gates of one batch row, in the op order of df_mlx.layers._gru_gates:
 // r = sigma(x_r + g_r), z = sigma(x_z + g_z), n = tanh(x_n + r g_n), out = (h - n) z + n, with
 // g = W_hh h + b_hh. Vectorised loops; the AVX2/FMA clone is picked at load time.
-__attribute__((target_clones("arch=haswell", "default"))) void gru_gates(
+DFMLX_SIMD_CLONES void gru_gates(
     const float* __restrict x, const float* __restrict hw, const float* __restrict b,
     const float* __restrict h, float* __restrict out, float* __restrict r, int size) {
   for (int i = 0; i < size; ++i) {

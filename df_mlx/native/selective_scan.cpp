@@ -12,7 +12,7 @@ namespace {
 
 // One step of one channel d: h[n] = exp(dt a[n]) h[n] + (dt b[n]) x; returns sum_n h[n] c[n].
 // The exp loop vectorises; the AVX2/FMA clone is picked at load time.
-__attribute__((target_clones("arch=haswell", "default"))) float scan_channel(
+DFMLX_SIMD_CLONES float scan_channel(
     float* __restrict h, const float* __restrict a, const float* __restrict b,
     const float* __restrict c, float dt, float x, int states) {
   for (int n = 0; n < states; ++n) {
