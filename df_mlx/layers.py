@@ -250,14 +250,15 @@ def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1,
     x = mx.pad(x, [(0, 0), (padding[0], padding[0]), (padding[1], padding[1]), (0, 0)]) if any(padding) else x
     (sh, sw), (dh, dw) = stride, dilation
     out_hw = ((x.shape[1] - dh * (kh - 1) - 1) // sh + 1, (x.shape[2] - dw * (kw - 1) - 1) // sw + 1)
-    if groups == x.shape[-1] and in_per_group == 1 and out_ch % groups == 0:  # depthwise
-        if out_ch > groups:  # m outputs per input channel: output o reads input o // m
-            x = mx.repeat(x, out_ch // groups, axis=-1)
+    if groups == x.shape[-1] == out_ch and in_per_group == 1:  # depthwise
         taps = _conv_taps(x, (kh, kw), out_hw, stride, dilation)
         return _weighted_sum(w.reshape(out_ch, kh * kw).T, *taps)
     if groups == 1 or groups <= _MAX_DENSE_GROUPS:
         return _dense_conv2d(x, _block_diagonal(w, groups), out_hw, stride, dilation)
     out_per_group = out_ch // groups
+    if in_per_group == 1:  # depthwise with several outputs per channel: output o reads input o // m
+        taps = _conv_taps(mx.repeat(x, out_per_group, axis=-1), (kh, kw), out_hw, stride, dilation)
+        return _weighted_sum(w.reshape(out_ch, kh * kw).T, *taps)
     return mx.concatenate([
         _dense_conv2d(x[..., g * in_per_group : (g + 1) * in_per_group],
                       w[g * out_per_group : (g + 1) * out_per_group], out_hw, stride, dilation)
