@@ -9,7 +9,7 @@ step's 1x256 @ 256x768 matmul 16 µs where OpenBLAS 0.3.21 (Debian 12) packs the
 every call and takes 55 µs, and DFN3 runs 1.5x faster with it. BLIS runs one thread unless
 BLIS_NUM_THREADS says otherwise. Without a system BLAS, pip's own: the scipy-openblas32 wheel
 (a dependency), whose symbols carry a `scipy_` prefix, reaches libmlx's `cblas_sgemm` through
-df_mlx's libdfmlx_cblas.so (df_mlx/native/cblas_shim.c, built with the native extension).
+df_mlx's `cblas_sgemm` shim (df_mlx/native/cblas_shim.c, built with the native extension).
 `DFMLX_BLAS` names another library, or `reference` to keep MLX's own.
 """
 
@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import sysconfig
 import warnings
 from typing import Optional
 
@@ -24,7 +25,8 @@ CANDIDATES = ("blis", "openblas", "mkl_rt")
 loaded: Optional[str] = None
 
 
-CBLAS_SHIM = os.path.join(os.path.dirname(__file__), "libdfmlx_cblas.so")
+# df_mlx/native/cblas_shim.c, which setup.py installs as an extension file (no Python module)
+CBLAS_SHIM = os.path.join(os.path.dirname(__file__), "_cblas" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
 
 
 def _find() -> Optional[str]:

@@ -79,7 +79,7 @@ def test_pip_only_mlx_matmuls_bind_to_the_pip_openblas():
     assert "scipy_openblas" in done.stdout
     err = done.stderr
     bindings = [line for line in err.splitlines() if "libmlx" in line and "`cblas_sgemm'" in line]
-    assert bindings and all("libdfmlx_cblas" in line for line in bindings), bindings
+    assert bindings and all("df_mlx/_cblas" in line for line in bindings), bindings
 
 
 def test_no_effect_after_mlx_is_imported_and_a_warning():

@@ -1,5 +1,6 @@
-/* libdfmlx_cblas.so: cblas_sgemm for libmlx from a BLAS whose symbols carry a prefix (the
- * scipy-openblas32 wheel's scipy_cblas_sgemm), so that pip alone gives MLX a fast BLAS.
+/* df_mlx._cblas (libdfmlx_cblas.so in the build): cblas_sgemm for libmlx from a BLAS whose
+ * symbols carry a prefix (the scipy-openblas32 wheel's scipy_cblas_sgemm), so that pip alone
+ * gives MLX a fast BLAS.
  * df_mlx._blas loads it with RTLD_GLOBAL before mlx.core and binds it first; libmlx's
  * cblas_sgemm then resolves here. Nothing else in it: libmlx's other BLAS and LAPACK calls keep
  * their bundled library. */
