@@ -1,4 +1,6 @@
-"""DFN3 forward speed (random weights, one thread, T = 1000 frames = 10 s): df-mlx with its
+"""DFN3 forward speed (random weights at df's default ModelParams, conv_ch 16, which mlx-audio's
+DeepFilterNet3Config matches; the pretrained DFN3, conv_ch 64, is bench_enhance.py's; one
+thread, T = 1000 frames = 10 s): df-mlx with its
 native recurrences and without (DFMLX_NATIVE=0), each on the BLAS pip alone gives (the
 scipy-openblas32 wheel) and on apt's BLIS, against upstream torch and mlx-audio 0.6.2's
 DeepFilterNet3 (given the same BLAS through df_mlx._blas); plus df-mlx's per-module profile
