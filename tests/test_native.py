@@ -1,6 +1,6 @@
 """df_mlx's native recurrences (df_mlx/native/, df_mlx._native): built by pip, bound to a fast
 BLAS whatever the import order, equal to the pure-MLX path, with the stated gate error bounds.
-The parity tests run both paths against the reference (parity/conftest.py: recurrence_path)."""
+The parity tests run both paths against the reference (conftest.py: recurrence_path)."""
 
 import os
 import subprocess
