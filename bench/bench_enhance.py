@@ -1,7 +1,10 @@
 """DFN3 enhancement speed: df-mlx (MLX CPU) against upstream torch and onnxruntime on the same
 pretrained weights, 1 and 2 threads, in one run; plus streaming per-hop latency and peak
-memory. Each (engine, threads) runs in its own process so thread settings and memory are
-isolated. Writes bench/results.md and bench/results.png.
+memory. df-mlx runs three ways: as installed (its native recurrences; MLX's matmuls on apt's
+BLIS where installed), on the BLAS pip alone gives (no system BLAS visible), and with its
+pure-MLX recurrences (DFMLX_NATIVE=0, as before the native ops). Each (engine, threads) runs in
+its own process so thread settings and memory are isolated. Writes bench/results.md and
+bench/results.png.
 
     python bench/bench_enhance.py [--repeats 5] [--seconds 10 60]
 """
@@ -17,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_forward import hide_system_blas
+
 HERE = Path(__file__).resolve().parent
-ENGINES = ("df-mlx", "torch", "onnxruntime")
+ENGINES = ("df-mlx", "df-mlx pip BLAS", "df-mlx pure-MLX", "torch", "onnxruntime")
+MLX_ENGINES = ENGINES[:3]
 
 
 def _audio(seconds: float) -> np.ndarray:
@@ -105,15 +111,17 @@ def _ort_runner(threads: int):
 
 
 def _child(engine: str, threads: int, seconds_list, repeats: int) -> dict:
-    runner = {"df-mlx": lambda: _mlx_runner(), "torch": lambda: _torch_runner(threads),
-              "onnxruntime": lambda: _ort_runner(threads)}[engine]()
+    if engine == "df-mlx pip BLAS":
+        hide_system_blas()
+    runner = _torch_runner(threads) if engine == "torch" else _ort_runner(threads) if engine == "onnxruntime" \
+        else _mlx_runner()
     result = {}
     for seconds in seconds_list:
         audio = _audio(seconds)
         runner(audio[:, : 48000])  # warm-up (compilation, allocation)
         best = min(_timed(runner, audio) for _ in range(repeats))
         result[f"{seconds:g}"] = best / seconds
-    if engine == "df-mlx":
+    if engine in MLX_ENGINES:
         result["hop_ms"] = _hop_latency()
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
@@ -157,6 +165,7 @@ def main():
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    OPENBLAS_NUM_THREADS=str(threads), BLIS_NUM_THREADS=str(threads))
         for engine in ENGINES:
+            env["DFMLX_NATIVE"] = "0" if engine == "df-mlx pure-MLX" else "1"
             cmd = [sys.executable, __file__, "--child", engine, str(threads), "--repeats", str(args.repeats),
                    "--seconds", *map(str, args.seconds)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent)
@@ -172,20 +181,26 @@ def _write(results, args):
 
     lines = ["# DFN3 enhancement speed", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; real-time factor "
-             f"(time / audio duration, best of {args.repeats}); lower is better. Ratio = df-mlx / engine.", "",
-             "| threads | audio | df-mlx RTF | torch RTF | onnxruntime RTF | df-mlx / torch | df-mlx / ORT |",
-             "|---|---|---|---|---|---|---|"]
+             f"(time / audio duration, best of {args.repeats}); lower is better. df-mlx: as installed (native "
+             "recurrences, apt BLIS for MLX's matmuls); pip BLAS: no system BLAS, the scipy-openblas32 wheel's; "
+             "pure-MLX: DFMLX_NATIVE=0. Ratio = time / torch's or onnxruntime's.", "",
+             "| threads | audio | " + " | ".join(f"{e} RTF" for e in ENGINES)
+             + " | df-mlx / torch | pip BLAS / torch | df-mlx / ORT |",
+             "|---|---|" + "---|" * (len(ENGINES) + 3)]
     for threads in args.threads:
         for s in args.seconds:
             r = {e: results[(e, threads)][f"{s:g}"] for e in ENGINES}
-            lines.append(f"| {threads} | {s:g} s | {r['df-mlx']:.3f} | {r['torch']:.3f} | {r['onnxruntime']:.3f} | "
-                         f"{r['df-mlx'] / r['torch']:.2f}x | {r['df-mlx'] / r['onnxruntime']:.2f}x |")
+            lines.append(f"| {threads} | {s:g} s | " + " | ".join(f"{r[e]:.3f}" for e in ENGINES)
+                         + f" | {r['df-mlx'] / r['torch']:.2f}x | {r['df-mlx pip BLAS'] / r['torch']:.2f}x"
+                         f" | {r['df-mlx'] / r['onnxruntime']:.2f}x |")
     lines += ["", "| threads | engine | peak memory (MB) |", "|---|---|---|"]
     for (engine, threads), r in results.items():
         lines.append(f"| {threads} | {engine} | {r['peak_mb']:.0f} |")
-    hop = results[("df-mlx", args.threads[0])]["hop_ms"]
-    lines += ["", f"Streaming (`StreamingEnhancer`, one 10 ms hop per call): median {hop['median']:.2f} ms, "
-              f"p95 {hop['p95']:.2f} ms per hop."]
+    lines += ["", "Streaming (`StreamingEnhancer`, one 10 ms hop per call, one thread):", "",
+              "| engine | median ms per hop | p95 ms per hop |", "|---|---|---|"]
+    for engine in MLX_ENGINES:
+        hop = results[(engine, args.threads[0])]["hop_ms"]
+        lines.append(f"| {engine} | {hop['median']:.2f} | {hop['p95']:.2f} |")
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -198,9 +213,10 @@ def _write(results, args):
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [f"{t} thr, {s:g} s" for t in args.threads for s in args.seconds]
     x = np.arange(len(labels))
+    width = 0.8 / len(ENGINES)
     for i, engine in enumerate(ENGINES):
-        ax.bar(x + (i - 1) * 0.27, [results[(engine, t)][f"{s:g}"] for t in args.threads for s in args.seconds],
-               0.27, label=engine)
+        ax.bar(x + (i - (len(ENGINES) - 1) / 2) * width,
+               [results[(engine, t)][f"{s:g}"] for t in args.threads for s in args.seconds], width, label=engine)
     ax.set_xticks(x, labels)
     ax.set_ylabel("real-time factor (lower is better)")
     ax.set_title("DeepFilterNet3 enhancement on CPU")

@@ -37,6 +37,8 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 from loguru import logger
 
+from df_mlx import _native
+
 GIB = 1024**3
 
 # (minimum memory in GB, batch size, eval batch size, prefetch batches), first match wins: the
@@ -302,6 +304,7 @@ def _log_hardware_config(config: HardwareConfig) -> None:
                     f"{p.efficiency_cores} efficiency, {p.gpu_cores} GPU cores)")
     logger.info(f"Device: {p.device_type} ({p.device_name}), {p.total_memory_gb:.1f} GB total, "
                 f"~{p.available_memory_gb:.1f} GB available")
+    logger.info(f"Compute: {_native.describe()}")
     logger.info(f"Recommended: device {config.device}, batch size {config.batch_size} (eval "
                 f"{config.batch_size_eval}), {config.num_workers} workers, {config.prefetch_batches} prefetch")
     if not config.is_auto_tuned:

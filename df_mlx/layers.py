@@ -6,6 +6,7 @@ and store their weights in MLX's layout; `TORCH_LAYOUT` tells the converters how
 torch's, so a converter needs no per-model code.
 """
 
+import functools
 import math
 import numbers
 from typing import Optional, Tuple, Union
@@ -14,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from loguru import logger
 
-from df_mlx import distributed
+from df_mlx import _native, distributed
 
 
 def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
@@ -46,11 +47,35 @@ def gru_scan(xp: mx.array, h: mx.array, w_hh: mx.array, b_hh: Optional[mx.array]
              reverse: bool = False) -> Tuple[mx.array, mx.array]:
     """The GRU recurrence over axis 0 of the input projection xp [T, B, 3H] (x @ W_ih.T + b_ih,
     computed for all steps at once by the caller) from h [B, H]; w_hh [3H, H] in torch layout.
-    Returns (outputs [T, B, H], last hidden state [B, H]); `reverse` runs from the last step."""
-    w_hh_t = mx.contiguous(w_hh.T)
+    Returns (outputs [T, B, H], last hidden state [B, H]); `reverse` runs from the last step.
+    The native primitive runs it where it can (df_mlx._native), else one compiled call a step."""
     if b_hh is None:  # adding an exact zero keeps a single compiled step function
         b_hh = mx.zeros((w_hh.shape[0],), dtype=xp.dtype)
+    if _native.usable(xp, h, w_hh, b_hh):
+        return _native_gru_scan(reverse)(xp, h, w_hh, b_hh)
+    return _pure_gru_scan(xp, h, w_hh, b_hh, reverse)
+
+
+def _pure_gru_scan(xp: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array,
+                   reverse: bool) -> Tuple[mx.array, mx.array]:
+    w_hh_t = mx.contiguous(w_hh.T)
     return scan_steps(xp, h, lambda x_t, h_t: _gru_step(x_t, h_t, w_hh_t, b_hh), reverse)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_gru_scan(reverse: bool):
+    """The native GRU primitive as an MLX function whose gradient is the pure-MLX scan's."""
+
+    @mx.custom_function
+    def scan(xp, h, w_hh, b_hh):
+        out, h_n = _native.module.gru_scan(xp, h, w_hh, b_hh, reverse)
+        return out, h_n
+
+    @scan.vjp
+    def scan_vjp(primals, cotangents, _outputs):
+        return tuple(mx.vjp(lambda *a: _pure_gru_scan(*a, reverse), list(primals), list(cotangents))[1])
+
+    return scan
 
 
 def scan_steps(xp: mx.array, h: mx.array, step, reverse: bool = False) -> Tuple[mx.array, mx.array]:
@@ -235,6 +260,9 @@ def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1,
     if groups == 1 or groups <= _MAX_DENSE_GROUPS:
         return _dense_conv2d(x, _block_diagonal(w, groups), out_hw, stride, dilation)
     out_per_group = out_ch // groups
+    if in_per_group == 1:  # depthwise with several outputs per channel: output o reads input o // m
+        taps = _conv_taps(mx.repeat(x, out_per_group, axis=-1), (kh, kw), out_hw, stride, dilation)
+        return _weighted_sum(w.reshape(out_ch, kh * kw).T, *taps)
     return mx.concatenate([
         _dense_conv2d(x[..., g * in_per_group : (g + 1) * in_per_group],
                       w[g * out_per_group : (g + 1) * out_per_group], out_hw, stride, dilation)

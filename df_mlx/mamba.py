@@ -9,7 +9,9 @@ loads without per-parameter code. Sequences are [B, L, D] as in the fork.
 The selective scan runs the recurrence h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,
 y_t = <h_t, C_t> one step at a time (as the fork), each step a compiled function of that
 step's inputs, so memory stays O(B D N) per step instead of materialising [B, L, D, N].
-`selective_scan` takes and returns the state, for streaming.
+`selective_scan` takes and returns the state, for streaming. On the CPU the whole scan is one
+native primitive where it is built (df_mlx._native; same op order and exp, gradients from the
+pure-MLX steps).
 """
 
 import math
@@ -18,6 +20,7 @@ from typing import Callable, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 
+from df_mlx import _native
 from df_mlx.layers import conv2d
 from df_mlx.modules import GroupedLinearEinsum, Identity, Sequential
 
@@ -131,12 +134,31 @@ def selective_scan(x: mx.array, delta: mx.array, A: mx.array, B: mx.array, C: mx
     if length == 0:
         raise ValueError("selective_scan needs at least one time step")
     h = mx.zeros((batch, d_inner, A.shape[1]), dtype=x.dtype) if h0 is None else h0
+    if _native.usable(x, delta, A, B, C, h):
+        return _native_scan(x, delta, A, B, C, h)
+    return _pure_scan(x, delta, A, B, C, h)
+
+
+def _pure_scan(x: mx.array, delta: mx.array, A: mx.array, B: mx.array, C: mx.array,
+               h: mx.array) -> Tuple[mx.array, mx.array]:
     x_t, dt_t, b_t, c_t = (v.swapaxes(0, 1) for v in (x, delta, B, C))
     ys = []
-    for i in range(length):
+    for i in range(x.shape[1]):
         h, y = _scan_step(h, dt_t[i], x_t[i], b_t[i], c_t[i], A)
         ys.append(y)
     return mx.stack(ys, axis=1), h
+
+
+@mx.custom_function
+def _native_scan(x, delta, A, B, C, h0):
+    """The native scan primitive, with the pure-MLX scan's gradient."""
+    y, h = _native.module.selective_scan(x, delta, A, B, C, h0)
+    return y, h
+
+
+@_native_scan.vjp
+def _native_scan_vjp(primals, cotangents, _outputs):
+    return tuple(mx.vjp(_pure_scan, list(primals), list(cotangents))[1])
 
 
 class MambaBlock(nn.Module):

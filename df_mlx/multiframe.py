@@ -177,6 +177,18 @@ def df_real(spec: mx.array, coefs: mx.array) -> mx.array:
     return mx.stack([re, im], axis=-1)
 
 
+def _real_pairs(x: mx.array) -> bool:
+    return not mx.issubdtype(x.dtype, mx.complexfloating) and x.ndim >= 2 and x.shape[-1] == 2
+
+
+@mx.compile
+def _deep_filter_pairs(spec: mx.array, coefs: mx.array, conj_sign: float) -> mx.array:
+    """sum_n spec[..., n] * coefs[..., n] for complex numbers as (re, im) on axis -2: [..., 2, N]."""
+    s_re, s_im = spec[..., 0, :], spec[..., 1, :]
+    c_re, c_im = coefs[..., 0, :], coefs[..., 1, :] * conj_sign
+    return mx.stack([(s_re * c_re - s_im * c_im).sum(-1), (s_re * c_im + s_im * c_re).sum(-1)], axis=-1)
+
+
 class DF(MultiFrameModule):
     """Deep filtering of the lowest `num_freqs` bins: spec [B, C, T, F, 2], coefs
     [B, C*N, T, F', 2] -> spec with those bins filtered."""
@@ -186,12 +198,24 @@ class DF(MultiFrameModule):
         self.conj = conj
 
     def __call__(self, spec: mx.array, coefs: mx.array) -> mx.array:
+        if _real_pairs(spec) and _real_pairs(coefs) and self.need_unfold:
+            return self._filter_real_pairs(spec, coefs)
         spec_u = self.spec_unfold(as_complex(spec))
         coefs = _split_frames(as_complex(coefs), self.frame_size)
         spec_f = _narrow(spec_u, -2, self.num_freqs, "DF")
         if self.conj:
             coefs = mx.conj(coefs)
         return _assign_low_bins(spec, as_real(df(spec_f, coefs)), self.num_freqs)
+
+    def _filter_real_pairs(self, spec: mx.array, coefs: mx.array) -> mx.array:
+        """The same filter on [..., 2] pairs: only the filtered bins are unfolded and the complex
+        products are written out in real arithmetic in one compiled kernel (MLX's CPU complex64
+        ops and gathers are slow); the products and their sum over the frames are the complex
+        einsum's. The padding stays df's complex one (the parity tracer compares it)."""
+        padded = as_real(_narrow(self.pad(as_complex(spec)), -1, self.num_freqs, "DF"))  # [B, C, T', F', 2]
+        spec_u = _unfold(padded, -3, self.frame_size)
+        coefs = mx.moveaxis(_split_frames(coefs, self.frame_size), 2, -1)  # [B, C, T, F', 2, N]
+        return _assign_low_bins(spec, _deep_filter_pairs(spec_u, coefs, -1.0 if self.conj else 1.0), self.num_freqs)
 
 
 class DFreal(MultiFrameModule):

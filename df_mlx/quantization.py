@@ -35,7 +35,8 @@ import numpy as np
 from loguru import logger
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from df_mlx.layers import GRU, _gru_gates, scan_steps
+from df_mlx import _native
+from df_mlx.layers import GRU, _gru_gates, gru_scan, scan_steps
 from df_mlx.modules import GroupedLinearEinsum
 
 # mx.quantize's affine mode: these bit widths and group sizes only.
@@ -90,6 +91,8 @@ class QuantizedGRU(GRU):
         name = "weight_hh" + sfx
         w, scales, biases = self[name], self[name + "_scales"], self[name + "_biases"]
         b_hh = self["bias_hh" + sfx] if self.bias else mx.zeros((3 * self.hidden_size,), dtype=xp.dtype)
+        if _native.usable(xp, h, scales, b_hh):  # the native scan on the dequantized weight: same products
+            return gru_scan(xp, h, mx.dequantize(w, scales, biases, self.group_size, self.bits), b_hh, reverse)
         step = _quantized_gru_step(self.group_size, self.bits)
         return scan_steps(xp, h, lambda x_t, h_t: step(x_t, h_t, w, scales, biases, b_hh), reverse)
 

@@ -50,3 +50,4 @@ def default_configs():
     yield
     for cfg in configs:
         cfg.use_defaults(allow_reload=True)
+

@@ -9,6 +9,7 @@ FAMILY = "deepfilternet2"
 
 
 @pytest.mark.parametrize("variant", VARIANTS[FAMILY], ids=[v.name for v in VARIANTS[FAMILY]])
+@pytest.mark.usefixtures("recurrence_path")
 def test_layers_outputs_and_gradients(variant):
     report = model_report(FAMILY, variant, grads=True)
     print(report.table())
@@ -16,6 +17,7 @@ def test_layers_outputs_and_gradients(variant):
 
 
 @pytest.mark.parametrize("gru_groups", [1, 4])
+@pytest.mark.usefixtures("recurrence_path")
 def test_linear_df_decoder(gru_groups):
     """The default (deprecated) linear DF decoder, module by module: the reference's DfNet
     cannot run it (see parity/models.py), its decoder alone can."""

@@ -9,6 +9,7 @@ FAMILY = "deepfilternet3"
 
 
 @pytest.mark.parametrize("variant", VARIANTS[FAMILY], ids=[v.name for v in VARIANTS[FAMILY]])
+@pytest.mark.usefixtures("recurrence_path")
 def test_layers_outputs_and_gradients(variant):
     report = model_report(FAMILY, variant, grads=True)
     print(report.table())

@@ -41,6 +41,7 @@ def check(fixture, tol=LAYER, **kwargs):
 
 
 @pytest.mark.parametrize("name", COMMITTED)
+@pytest.mark.usefixtures("recurrence_path")
 def test_fixture(name):
     fixture = load_fixture(name)
     report = check(fixture)
@@ -121,6 +122,7 @@ def live_dir(tmp_path_factory):
 
 @live
 @pytest.mark.parametrize("name", FAMILY_CASES)
+@pytest.mark.usefixtures("recurrence_path")
 def test_live(name, live_dir):
     fixture = load_fixture(name, live_dir)
     report = check(fixture, tol=LAYER if CASES[name].committed else DEFAULT_LAYER)

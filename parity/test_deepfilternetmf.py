@@ -9,6 +9,7 @@ FAMILY = "deepfilternetmf"
 
 
 @pytest.mark.parametrize("variant", VARIANTS[FAMILY], ids=[v.name for v in VARIANTS[FAMILY]])
+@pytest.mark.usefixtures("recurrence_path")
 def test_layers_and_outputs(variant):
     report = model_report(FAMILY, variant, grads=False, tol=MF_LAYER)
     print(report.table())
@@ -16,6 +17,7 @@ def test_layers_and_outputs(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS[FAMILY], ids=[v.name for v in VARIANTS[FAMILY]])
+@pytest.mark.usefixtures("recurrence_path")
 def test_gradients_in_training_mode(variant):
     """df's eval-mode DfNet filters its `spec` input in place, which torch cannot
     differentiate; in training mode it copies first (BatchNorms keep running statistics)."""

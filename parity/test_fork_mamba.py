@@ -32,6 +32,7 @@ def check(fixture, **kwargs):
 
 
 @pytest.mark.parametrize("name", MAMBA_CASES)
+@pytest.mark.usefixtures("recurrence_path")
 def test_fixture(name):
     """Every traced layer, the outputs and all gradients within tolerance of the recording."""
     fixture = load_fixture(name)
@@ -69,6 +70,7 @@ def test_wrong_shape_is_rejected():
         fixture_report(fixture, mamba.MambaBlock(**kwargs), LAYER)
 
 
+@pytest.mark.usefixtures("recurrence_path")
 def test_scan_state_carries_over():
     """Scanning two halves with the state handed over equals one scan (the streaming basis)."""
     block = mamba.MambaBlock(8, d_state=4)
@@ -105,6 +107,7 @@ def live_dir(tmp_path_factory):
 
 @live
 @pytest.mark.parametrize("name", MAMBA_CASES)
+@pytest.mark.usefixtures("recurrence_path")
 def test_live(name, live_dir):
     """The case recorded from the fork checkout now, compared."""
     report = check(load_fixture(name, live_dir))

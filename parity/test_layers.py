@@ -149,24 +149,28 @@ def gru_case(cfg, steps: int, with_h0: bool, unbatched: bool = False, seed: int 
 @pytest.mark.parametrize("with_h0", [False, True], ids=["no_h0", "h0"])
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("cfg", GRU_CONFIGS, ids=_config_id)
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru(cfg, steps, with_h0):
     t, m = gru_pair(cfg)
     assert_passes(module_report(f"GRU({_config_id(cfg)}) T={steps}", t, m, gru_case(cfg, steps, with_h0)))
 
 
 @pytest.mark.parametrize("with_h0", [False, True], ids=["no_h0", "h0"])
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru_unbatched(with_h0):
     cfg = dict(input_size=12, hidden_size=16, num_layers=2, bidirectional=True)
     t, m = gru_pair(cfg)
     assert_passes(module_report("GRU unbatched", t, m, gru_case(cfg, 7, with_h0, unbatched=True)))
 
 
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru_real_features():
     cfg = dict(input_size=32, hidden_size=64, num_layers=2, batch_first=True)
     t, m = gru_pair(cfg)
     assert_passes(module_report("GRU on real ERB features", t, m, Case(real_features())))
 
 
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru_long_sequence():
     """GRU(256, 256) over 1000 unit-scale steps: the error must not grow along the sequence."""
     cfg = dict(input_size=256, hidden_size=256, batch_first=True)
@@ -174,6 +178,7 @@ def test_gru_long_sequence():
     assert_passes(module_report("GRU(256) T=1000", t, m, gru_case(cfg, 1000, True)))
 
 
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru_eval_mode_has_no_dropout():
     """In eval mode inter-layer dropout is off on both sides, so they still agree."""
     cfg = dict(input_size=12, hidden_size=16, num_layers=3, dropout=0.5, batch_first=True)
@@ -215,6 +220,7 @@ GRU_PERTURBATIONS = {
 
 
 @pytest.mark.parametrize("name", list(GRU_PERTURBATIONS))
+@pytest.mark.usefixtures("pure_recurrences")  # the perturbation is in the pure step
 def test_gru_report_catches_wrong_cell(monkeypatch, name):
     monkeypatch.setattr(layers, "_gru_step", GRU_PERTURBATIONS[name])
     cfg = GRU_CONFIGS[0]
@@ -222,6 +228,7 @@ def test_gru_report_catches_wrong_cell(monkeypatch, name):
     assert {"output", "state", "grad.input"} <= failures(module_report(name, t, m, gru_case(cfg, 7, True)))
 
 
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru_report_catches_truncated_backprop(monkeypatch):
     """Forward unchanged, no gradient through the recurrent state: only gradients fail."""
     step = layers._gru_step
@@ -233,6 +240,7 @@ def test_gru_report_catches_truncated_backprop(monkeypatch):
     assert {"grad.input", "grad.h0", "grad.weight_hh_l0"} <= bad
 
 
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru_report_catches_unreversed_direction(monkeypatch):
     scan = layers.gru_scan
     monkeypatch.setattr(layers, "gru_scan", lambda xp, h, w, b, reverse=False: scan(xp, h, w, b, False))
@@ -241,6 +249,7 @@ def test_gru_report_catches_unreversed_direction(monkeypatch):
     assert {"output", "state"} <= failures(module_report("unreversed", t, m, gru_case(cfg, 7, True)))
 
 
+@pytest.mark.usefixtures("recurrence_path")
 def test_gru_report_catches_small_weight_error(monkeypatch):
     """A 1e-4 relative change of one weight matrix is visible to the bounds."""
     original = copy_weights

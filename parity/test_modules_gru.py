@@ -96,6 +96,7 @@ SQUEEZED = [
 @pytest.mark.parametrize("with_h0", [False, True], ids=["no_h0", "h0"])
 @pytest.mark.parametrize("steps", STEP_PARAMS)
 @pytest.mark.parametrize("args", GROUPED_GRU_LAYER, ids=_id)
+@pytest.mark.usefixtures("recurrence_path")
 def test_grouped_gru_layer(args, steps, with_h0):
     t, m = build("GroupedGRULayer", args)
     case = recurrent_case("GroupedGRULayer", args, steps, with_h0)
@@ -105,6 +106,7 @@ def test_grouped_gru_layer(args, steps, with_h0):
 @pytest.mark.parametrize("with_h0", [False, True], ids=["no_h0", "h0"])
 @pytest.mark.parametrize("steps", STEP_PARAMS)
 @pytest.mark.parametrize("args", GROUPED_GRU, ids=_id)
+@pytest.mark.usefixtures("recurrence_path")
 def test_grouped_gru(args, steps, with_h0):
     t, m = build("GroupedGRU", args)
     case = recurrent_case("GroupedGRU", args, steps, with_h0)
@@ -120,6 +122,7 @@ def _squeezed_id(config):
 @pytest.mark.parametrize("steps", STEP_PARAMS)
 @pytest.mark.parametrize("config", SQUEEZED, ids=_squeezed_id)
 @pytest.mark.parametrize("cls_name", ["SqueezedGRU", "SqueezedGRU_S"])
+@pytest.mark.usefixtures("recurrence_path")
 def test_squeezed_gru(cls_name, config, steps, with_h0):
     args, act, skip, skip_sizes, skip_sizes_s = config
     t, m = build(cls_name, args, act, skip, skip_sizes_s if cls_name.endswith("_S") else skip_sizes)
@@ -148,6 +151,7 @@ def test_grouped_linear(args, shape):
 
 
 @pytest.mark.parametrize("cls_name", ["SqueezedGRU_S", "GroupedGRU"])
+@pytest.mark.usefixtures("recurrence_path")
 def test_real_features(cls_name):
     """DFNet3's embedding GRU shape on the ERB features of real audio (and DFNet2's grouped one)."""
     if cls_name == "GroupedGRU":

@@ -379,6 +379,7 @@ SMALL = {"deepfilternet3": VARIANTS["deepfilternet3"][2], "deepfilternet2": VARI
 
 
 @pytest.mark.parametrize("family", list(SMALL))
+@pytest.mark.usefixtures("recurrence_path")
 def test_one_step(family, tmp_path, monkeypatch):
     """One AdamW step (epoch 1: lr 1e-3 after the warm-up epoch, weight decay 0.0625 from its
     schedule): loss, gradient norm, every raw and clipped gradient (and which parameters get
@@ -388,6 +389,7 @@ def test_one_step(family, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", list(SMALL))
+@pytest.mark.usefixtures("recurrence_path")
 def test_ten_steps(family, tmp_path, monkeypatch):
     """Ten steps through the warm-up (lr 1e-4 -> 1e-3, rising weight decay): every step's lr/wd
     and loss, MLX's weights against torch's update replayed on MLX's gradients (tight), and

@@ -63,6 +63,25 @@ def test_mlx_matmuls_bind_to_the_loaded_blas():
     assert bindings and all(os.path.basename(loaded).split(".so")[0] in line for line in bindings), bindings
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux wheels only")
+def test_pip_only_mlx_matmuls_bind_to_the_pip_openblas():
+    """Without a system BLAS (find_library finds none), libmlx's cblas_sgemm binds to df_mlx's
+    shim over the scipy-openblas32 wheel (df_mlx/native/cblas_shim.c)."""
+    import os
+
+    code = ("import ctypes.util; ctypes.util.find_library = lambda name: None\n"
+            "import df_mlx, df_mlx._blas as b, mlx.core as mx, sys\n"
+            "mx.eval(mx.ones((4, 4)) @ mx.ones((4, 4)))\n"
+            "print(b.loaded)")
+    env = dict(os.environ, LD_DEBUG="bindings")
+    env.pop("DFMLX_BLAS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "scipy_openblas" in done.stdout
+    err = done.stderr
+    bindings = [line for line in err.splitlines() if "libmlx" in line and "`cblas_sgemm'" in line]
+    assert bindings and all("df_mlx/_cblas" in line for line in bindings), bindings
+
+
 def test_no_effect_after_mlx_is_imported_and_a_warning():
     code = "import mlx.core, df_mlx._blas as b; print(b.use_fast_blas())"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

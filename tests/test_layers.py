@@ -149,6 +149,7 @@ def test_grouped_gru_shapes_and_names():
         ((2, 9, 12, 2), (8, 3, 3, 1), (1, 1), (0, 1), (1, 1), 2),  # grouped wide output
         ((1, 9, 12, 8), (8, 1, 3, 1), (1, 2), (0, 1), (1, 1), 8),  # depthwise, frequency stride
         ((1, 9, 12, 8), (8, 2, 3, 1), (2, 1), (1, 2), (1, 2), 8),  # depthwise, dilated
+        ((1, 9, 12, 16), (32, 3, 1, 1), (1, 2), (1, 0), (1, 1), 16),  # depthwise, 2 outputs per channel
         ((1, 11, 12, 8), (4, 5, 1, 4), (1, 1), (0, 0), (1, 1), 2),  # narrow output: shifted sums
         ((1, 9, 12, 8), (3, 2, 3, 8), (1, 1), (1, 1), (2, 1), 1),  # narrow, dilated
         ((1, 9, 12, 8), (8, 1, 1, 8), (1, 2), (0, 0), (1, 1), 1),  # pointwise, strided

@@ -1,0 +1,78 @@
+"""df_mlx's native MLX primitives (df_mlx/native/), when they are built and can run here.
+
+`pip install` builds the extension `df_mlx._kernels` (setup.py): C++ `mlx::core::Primitive`s
+that run a whole GRU recurrence or selective scan in one op on MLX's CPU stream, instead of one
+compiled MLX call per time step (about 5x faster per GRU step). Their matrix products call the
+BLAS bound here, whatever MLX itself links and whatever was imported first: the scipy-openblas32
+wheel's OpenBLAS (a dependency on Linux), else the library `DFMLX_BLAS` or df_mlx._blas loaded,
+else MLX's bundled one. Where the extension is missing, was built for another mlx, runs on a GPU
+stream or is switched off with DFMLX_NATIVE=0, the callers run their pure-MLX code, which also
+gives the native ops' gradients, and df_mlx says once why.
+"""
+
+import os
+from typing import Optional
+
+import mlx.core as mx
+from loguru import logger
+
+from df_mlx import _blas
+from df_mlx._blas import pip_openblas
+
+
+def _load():
+    """(the extension, None) or (None, why it is not used)."""
+    if os.environ.get("DFMLX_NATIVE", "1") == "0":
+        return None, "DFMLX_NATIVE=0"
+    try:
+        from df_mlx import _kernels as ext
+    except ImportError as err:
+        return None, f"the native extension is not built ({err}); reinstall df-mlx with a C++ compiler"
+    if ext.mlx_version != mx.__version__:
+        return None, (f"the native extension was built for mlx {ext.mlx_version} but mlx "
+                      f"{mx.__version__} runs; reinstall df-mlx")
+    return ext, None
+
+
+def _bind_blas(ext) -> None:
+    """Bind the pip OpenBLAS unless DFMLX_BLAS chose a library (which df_mlx._blas loaded
+    globally before the extension, so its unprefixed cblas_* already bind to it)."""
+    if os.environ.get("DFMLX_BLAS"):
+        return
+    path = pip_openblas()
+    if path is not None:
+        error = ext.bind_blas(path, "scipy_")
+        if error:
+            logger.warning(f"df_mlx native ops: cannot use {path} ({error})")
+
+
+module, reason = _load()
+if module is not None:
+    _bind_blas(module)
+_said_why = False
+
+
+def blas_library() -> Optional[str]:
+    """The library file the native ops' matrix products come from (None without them)."""
+    return None if module is None else module.blas_library()
+
+
+def describe() -> str:
+    """Which BLAS and which recurrence path df_mlx runs, in one line."""
+    mlx_blas = _blas.loaded or "MLX's bundled reference BLAS"
+    if module is None:
+        return f"MLX matmuls: {mlx_blas}; recurrences: pure-MLX steps ({reason})"
+    return f"MLX matmuls: {mlx_blas}; recurrences: native primitives on {blas_library()}"
+
+
+def usable(*arrays: mx.array) -> bool:
+    """Whether the native ops run these arrays: float32 on the CPU. Says once why not."""
+    global _said_why
+    if module is not None and mx.default_device() == mx.cpu and all(a.dtype == mx.float32 for a in arrays):
+        return True
+    if not _said_why:
+        _said_why = True
+        why = reason or ("not float32" if mx.default_device() == mx.cpu else "a GPU stream")
+        say = logger.warning if module is None and reason != "DFMLX_NATIVE=0" else logger.info
+        say(f"df_mlx runs its recurrences as pure-MLX steps (slower on the CPU): {why}")
+    return False

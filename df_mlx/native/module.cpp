@@ -1,0 +1,29 @@
+// df_mlx._kernels: the native recurrences (GRU, selective scan) as functions on mx.array (nanobind, domain "mlx", so
+// that mlx.core's array type is shared).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include "blas.h"
+#include "gru.h"
+#include "selective_scan.h"
+
+namespace nb = nanobind;
+
+#define DFMLX_STR(x) #x
+#define DFMLX_VERSION_STR(a, b, c) DFMLX_STR(a) "." DFMLX_STR(b) "." DFMLX_STR(c)
+
+NB_MODULE(_kernels, m) {
+  m.doc() = "df_mlx's native MLX primitives (CPU)";
+  // the mlx these headers belong to; df_mlx._native.py compares it with the one running
+  m.attr("mlx_version") = DFMLX_VERSION_STR(MLX_VERSION_MAJOR, MLX_VERSION_MINOR, MLX_VERSION_PATCH);
+  m.def("gru_scan", &dfmlx::gru_scan, nb::arg("xp"), nb::arg("h0"), nb::arg("w_hh"),
+        nb::arg("b_hh"), nb::arg("reverse") = false,
+        "torch's GRU recurrence over axis 0 of xp [T, B, 3H]: [outputs [T, B, H], h_n [B, H]]");
+  m.def("selective_scan", &dfmlx::selective_scan, nb::arg("x"), nb::arg("delta"), nb::arg("a"),
+        nb::arg("b"), nb::arg("c"), nb::arg("h0"),
+        "Mamba's selective scan over x, delta [B, L, D]: [y [B, L, D], h_L [B, D, N]]");
+  m.def("bind_blas", &dfmlx::bind_blas, nb::arg("path"), nb::arg("prefix") = "",
+        "Bind {prefix}cblas_sgemv/sgemm from a shared library; returns '' or why not");
+  m.def("blas_library", &dfmlx::blas_library, "The file the bound sgemv comes from");
+}

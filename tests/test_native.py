@@ -1,0 +1,221 @@
+"""df_mlx's native recurrences (df_mlx/native/, df_mlx._native): built by pip, bound to a fast
+BLAS whatever the import order, equal to the pure-MLX path, with the stated gate error bounds.
+The parity tests run both paths against the reference (conftest.py: recurrence_path)."""
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from df_mlx import _native, layers
+
+ROOT = Path(__file__).resolve().parents[1]
+# native vs pure GRU: the same op order; only the gate functions differ (<= 3 ulp each), which
+# 1000 steps of a GRU(256) accumulate to 3.6e-7
+NATIVE_VS_PURE_TOL = 2e-6
+SIGMOID_ULP = 3.0  # df_mlx/native/fastmath.h's stated bounds
+TANH_ULP = 2.0
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the native extension is built on Linux")
+
+
+def _run(code: str, **env) -> str:
+    environ = {k: v for k, v in os.environ.items() if k not in ("DFMLX_NATIVE", "DFMLX_BLAS")}
+    environ.update(env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_build_and_runtime_pin_the_same_mlx():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pins = lambda reqs: sorted(r for r in reqs if r.startswith("mlx"))  # noqa: E731
+    assert pins(project["build-system"]["requires"]) == pins(project["project"]["dependencies"])
+
+
+@linux_only
+def test_extension_is_built_for_the_running_mlx():
+    if os.environ.get("DFMLX_NATIVE") == "0":
+        pytest.skip("DFMLX_NATIVE=0 in this run")
+    assert _native.module is not None, _native.reason
+    assert _native.module.mlx_version == mx.__version__
+
+
+PIP_ONLY = "import ctypes.util; ctypes.util.find_library = lambda name: None\n"  # no system BLAS
+
+
+@linux_only
+@pytest.mark.parametrize("df_mlx_first", [True, False], ids=["df_mlx_first", "mlx_first"])
+def test_pip_only_native_products_use_the_pip_openblas_whatever_the_import_order(df_mlx_first):
+    """With no system BLAS (df_mlx._blas finds none), the native ops bind the scipy-openblas32
+    wheel's library, not MLX's bundled reference BLAS, even after `import mlx.core`; MLX's own
+    matmuls get it only when df_mlx comes first (tests/test_blas.py)."""
+    order = "import df_mlx, mlx.core" if df_mlx_first else "import mlx.core, df_mlx"
+    code = PIP_ONLY + f"{order}\nfrom df_mlx import _blas, _native\nprint(_blas.loaded, _native.blas_library())"
+    mlx_blas, native_blas = _run(code).split()
+    assert "scipy_openblas" in native_blas and "mlx_cpu.libs" not in native_blas
+    assert mlx_blas == (native_blas if df_mlx_first else "None")
+
+
+def test_dfmlx_native_0_selects_the_pure_path():
+    out = _run("from df_mlx import _native; print(_native.module, _native.reason)", DFMLX_NATIVE="0")
+    assert out == "None DFMLX_NATIVE=0"
+
+
+def _case(steps=40, batch=3, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    bound = 1 / np.sqrt(size)
+    xp = rng.normal(size=(steps, batch, 3 * size))
+    h0 = rng.normal(size=(batch, size)) * 0.5
+    w = rng.uniform(-bound, bound, (3 * size, size))
+    b = rng.uniform(-bound, bound, 3 * size)
+    return [mx.array(a.astype(np.float32)) for a in (xp, h0, w, b)]
+
+
+needs_native = pytest.mark.skipif(_native.module is None, reason=f"native ops unavailable: {_native.reason}")
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_native_gru_equals_the_pure_scan(batch, reverse):
+    args = _case(batch=batch)
+    out, h_n = layers._native_gru_scan(reverse)(*args)
+    ref_out, ref_h = layers._pure_gru_scan(*args, reverse)
+    assert out.shape == ref_out.shape and h_n.shape == ref_h.shape
+    assert mx.abs(out - ref_out).max().item() < NATIVE_VS_PURE_TOL
+    assert mx.abs(h_n - ref_h).max().item() < NATIVE_VS_PURE_TOL
+    assert mx.array_equal(h_n, out[0 if reverse else -1])
+
+
+@needs_native
+def test_native_gru_gradients_compile_and_value_and_grad():
+    args = _case()
+
+    def loss(scan):
+        def f(*a):
+            out, h_n = scan(*a)
+            return (out * out).sum() + h_n.sum()
+        return f
+
+    native = mx.compile(mx.value_and_grad(loss(layers._native_gru_scan(False)), argnums=(0, 1, 2, 3)))
+    pure = mx.value_and_grad(loss(lambda *a: layers._pure_gru_scan(*a, False)), argnums=(0, 1, 2, 3))
+    (value, grads), (ref_value, ref_grads) = native(*args), pure(*args)
+    assert abs(value.item() - ref_value.item()) < 1e-4 * abs(ref_value.item())
+    for g, r in zip(grads, ref_grads):
+        assert mx.abs(g - r).max().item() < 1e-5 * max(1.0, mx.abs(r).max().item())
+
+
+def _ulp_error(got: np.ndarray, exact: np.ndarray) -> float:
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    return float(np.max(np.abs(got.astype(np.float64) - exact) / ulp))
+
+
+@needs_native
+def test_gate_functions_within_their_stated_bounds():
+    """One GRU step with W_hh = 0 gives the gates alone: h0 = 1, x_n = 0 -> out = sigmoid(x_z);
+    h0 = 0, x_z = -100 -> out = tanh(x_n); on a dense grid of [-20, 20] against float64."""
+    size = 64
+    x = np.linspace(-20, 20, size * 4000, dtype=np.float32).reshape(-1, size)
+    zero, one = np.zeros_like(x), np.ones_like(x)
+
+    def step(x_r, x_z, x_n, h0):
+        xp = mx.array(np.concatenate([x_r, x_z, x_n], axis=1)[None])
+        out, _ = _native.module.gru_scan(xp, mx.array(h0), mx.zeros((3 * size, size)), mx.zeros((3 * size,)))
+        return np.array(out[0]).ravel()
+
+    exact = x.ravel().astype(np.float64)
+    assert _ulp_error(step(zero, x, zero, one), 1 / (1 + np.exp(-exact))) <= SIGMOID_ULP
+    assert _ulp_error(step(zero, np.full_like(x, -100), x, zero), np.tanh(exact)) <= TANH_ULP
+
+
+@needs_native
+def test_the_gru_module_runs_the_native_op(monkeypatch):
+    calls = []
+    real = _native.module
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_native, "module", Counting())
+    gru = layers.GRU(8, 16, num_layers=2, bidirectional=True, batch_first=True)
+    out, h_n = gru(mx.random.normal((2, 5, 8)))
+    mx.eval(out, h_n)
+    assert calls.count("gru_scan") == 4 and out.shape == (2, 5, 32)
+
+
+def test_non_float32_inputs_take_the_pure_path():
+    assert not _native.usable(mx.zeros((2,), mx.float16))
+
+
+def _scan_case(batch=2, length=12, channels=24, states=16, seed=1):
+    rng = np.random.default_rng(seed)
+    x, delta = rng.normal(size=(2, batch, length, channels))
+    a = -np.exp(rng.normal(size=(channels, states)))
+    b, c = rng.normal(size=(2, batch, length, states))
+    h0 = rng.normal(size=(batch, channels, states))
+    return [mx.array(v.astype(np.float32)) for v in (x, np.log1p(np.exp(delta)), a, b, c, h0)]
+
+
+@needs_native
+def test_native_selective_scan_equals_the_pure_scan_and_carries_its_state():
+    from df_mlx import mamba
+
+    args = _scan_case()
+    y, h = mamba._native_scan(*args)
+    ref_y, ref_h = mamba._pure_scan(*args)
+    assert mx.abs(y - ref_y).max().item() < NATIVE_VS_PURE_TOL * max(1.0, mx.abs(ref_y).max().item())
+    assert mx.abs(h - ref_h).max().item() < NATIVE_VS_PURE_TOL * max(1.0, mx.abs(ref_h).max().item())
+    x, delta, a, b, c, h0 = args
+    y1, h1 = mamba._native_scan(x[:, :5], delta[:, :5], a, b[:, :5], c[:, :5], h0)
+    y2, h2 = mamba._native_scan(x[:, 5:], delta[:, 5:], a, b[:, 5:], c[:, 5:], h1)
+    assert mx.array_equal(mx.concatenate([y1, y2], axis=1), y) and mx.array_equal(h2, h)
+
+
+@needs_native
+def test_native_selective_scan_gradients_are_the_pure_ones():
+    from df_mlx import mamba
+
+    args = _scan_case()
+
+    def loss(scan):
+        return lambda *a: sum((o * o).sum() for o in scan(*a))
+
+    grads = mx.compile(mx.grad(loss(mamba._native_scan), argnums=tuple(range(6))))(*args)
+    ref = mx.grad(loss(mamba._pure_scan), argnums=tuple(range(6)))(*args)
+    for g, r in zip(grads, ref):
+        assert mx.abs(g - r).max().item() < 1e-5 * max(1.0, mx.abs(r).max().item())
+
+
+@needs_native
+def test_native_scan_exp_is_at_least_as_accurate_as_mamba_exp():
+    """One step with B = 0, h0 = 1, N = 1 and dt = 1 gives y = exp(A) for every channel."""
+    from df_mlx import mamba
+
+    a = np.linspace(-86, 0, 200_000, dtype=np.float32)
+    ones = mx.ones((1, 1, a.size))
+    y, _ = _native.module.selective_scan(mx.zeros((1, 1, a.size)), ones, mx.array(a[:, None]),
+                                         mx.zeros((1, 1, 1)), mx.ones((1, 1, 1)), mx.ones((1, a.size, 1)))
+    exact = np.exp(a.astype(np.float64))
+    pure = np.array(mx.compile(mamba._exp)(mx.array(a)))
+    assert _ulp_error(np.array(y).ravel(), exact) <= max(_ulp_error(pure, exact), 1.0)
+
+
+def test_without_the_extension_df_mlx_runs_the_pure_path_and_says_once_why():
+    code = ("import sys; sys.modules['df_mlx._kernels'] = None\n"  # as after a failed build
+            "import mlx.core as mx\nfrom df_mlx import _native, layers\n"
+            "for _ in range(2):\n"
+            "    out, h = layers.gru_scan(mx.zeros((3, 1, 6)), mx.zeros((1, 2)), mx.zeros((6, 2)), None)\n"
+            "print(_native.module, out.shape)")
+    environ = {k: v for k, v in os.environ.items() if k != "DFMLX_NATIVE"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None (3, 1, 2)"
+    assert done.stderr.count("pure-MLX steps (slower on the CPU)") == 1
+    assert "native extension is not built" in done.stderr
