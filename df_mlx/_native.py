@@ -25,7 +25,7 @@ def _load():
     if os.environ.get("DFMLX_NATIVE", "1") == "0":
         return None, "DFMLX_NATIVE=0"
     try:
-        from df_mlx import _kernels as ext
+        import df_mlx._kernels as ext  # the compiled extension (df_mlx/native/), below every .py module
     except ImportError as err:
         return None, f"the native extension is not built ({err}); reinstall df-mlx with a C++ compiler"
     if ext.mlx_version != mx.__version__:
