@@ -7,6 +7,7 @@ def _use_pure_recurrences(monkeypatch):
     from df_mlx import _native
 
     monkeypatch.setattr(_native, "module", None)
+    monkeypatch.setattr(_native, "products", False)
     monkeypatch.setattr(_native, "_said_why", True)
 
 
@@ -18,13 +19,16 @@ def pure_recurrences(monkeypatch):
 
 @pytest.fixture(params=["native", "pure"])
 def recurrence_path(request, monkeypatch):
-    """Runs a test on both recurrence paths: df_mlx's native primitives and the pure-MLX steps
-    (df_mlx._native), at the same tolerances. The native run is skipped, with the reason, only
-    where the extension is unavailable, which tests/test_native.py reports as a failure."""
+    """Runs a test on both paths at the same tolerances: df_mlx's native primitives (the
+    recurrences, and the dense products as when MLX's own matmuls are on the reference BLAS) and
+    the pure-MLX ops (df_mlx._native). The native run is skipped, with the reason, only where
+    the extension is unavailable, which tests/test_native.py reports as a failure."""
     from df_mlx import _native
 
     if request.param == "pure":
         _use_pure_recurrences(monkeypatch)
     elif _native.module is None:
         pytest.skip(f"native recurrences unavailable: {_native.reason}")
+    else:
+        monkeypatch.setattr(_native, "products", True)
     return request.param

@@ -72,8 +72,10 @@ def use_fast_blas() -> Optional[str]:
     if path is None and not pip_fallback:
         return None
     if "mlx.core" in sys.modules:  # its BLAS symbols are bound already
-        warnings.warn("mlx.core was imported before df_mlx, so MLX keeps its bundled reference BLAS "
-                      "(matmuls ~10x slower on Linux): import df_mlx first", RuntimeWarning, stacklevel=3)
+        warnings.warn("mlx.core was imported before df_mlx, so MLX's own matmuls keep its bundled reference "
+                      "BLAS (~10x slower on Linux); df_mlx's models run their products on its native ops' BLAS "
+                      "where they are built (df_mlx._native.products): import df_mlx first for the rest",
+                      RuntimeWarning, stacklevel=3)
         return None
     try:
         if pip_fallback:

@@ -11,6 +11,7 @@ gives the native ops' gradients, and df_mlx says once why.
 """
 
 import os
+import sys
 from typing import Optional
 
 import mlx.core as mx
@@ -50,6 +51,10 @@ module, reason = _load()
 if module is not None:
     _bind_blas(module)
 _said_why = False
+# Whether df_mlx.layers.matmul runs the models' dense products on the native op (the BLAS bound
+# above): where MLX's own matmuls are left on the Linux wheel's reference BLAS (mlx.core was
+# imported before df_mlx, or no BLAS could be loaded), about 4x slower per DFN3 forward.
+products = module is not None and sys.platform == "linux" and _blas.loaded is None
 
 
 def blas_library() -> Optional[str]:
@@ -62,7 +67,8 @@ def describe() -> str:
     mlx_blas = _blas.loaded or "MLX's bundled reference BLAS"
     if module is None:
         return f"MLX matmuls: {mlx_blas}; recurrences: pure-MLX steps ({reason})"
-    return f"MLX matmuls: {mlx_blas}; recurrences: native primitives on {blas_library()}"
+    models = f"; the models' dense products: native on {blas_library()}" if products else ""
+    return f"MLX matmuls: {mlx_blas}; recurrences: native primitives on {blas_library()}{models}"
 
 
 def usable(*arrays: mx.array) -> bool:

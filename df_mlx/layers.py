@@ -18,11 +18,33 @@ from loguru import logger
 from df_mlx import _native, distributed
 
 
+def matmul(a: mx.array, b: mx.array) -> mx.array:
+    """a [..., K] @ b [..., K, N]. Where MLX's own matmuls are left on the Linux wheel's
+    reference BLAS (df_mlx._native.products: mlx.core imported before df_mlx), products with a
+    2-D b run on the native op's BLAS instead, so the speed does not depend on import order;
+    its gradient is MLX's matmul's."""
+    if _native.products and b.ndim == 2 and a.ndim >= 1 and a.size and b.size and _native.usable(a, b):
+        y = _native_matmul(a.reshape(-1, a.shape[-1]), b)
+        return y.reshape(*a.shape[:-1], b.shape[1])
+    return a @ b
+
+
+@mx.custom_function
+def _native_matmul(a: mx.array, b: mx.array) -> mx.array:
+    return _native.module.matmul(a, b)
+
+
+@_native_matmul.vjp
+def _native_matmul_vjp(primals, cotangent, _output):
+    a, b = primals
+    return cotangent @ b.T, a.T @ cotangent
+
+
 def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
     """torch's `F.linear` (x @ weight.T + bias) on the last axis of x [..., I] with a torch-layout
     weight [O, I]. The weight is made contiguous as [I, O] first: the CPU BLAS that MLX links
     is about twice as slow on a transposed operand."""
-    y = x @ mx.contiguous(weight.T)
+    y = matmul(x, mx.contiguous(weight.T))
     return y if bias is None else y + bias
 
 
@@ -325,14 +347,14 @@ def _dense_conv2d(x: mx.array, w: mx.array, out_hw, stride, dilation) -> mx.arra
     taps = kh * kw
     if out_ch < in_ch and taps > 1 and (sh, sw) == (1, 1):
         w_all = mx.contiguous(w.transpose(3, 1, 2, 0).reshape(in_ch, taps * out_ch))
-        z = (x.reshape(-1, in_ch) @ w_all).reshape(*x.shape[:3], taps * out_ch)
+        z = matmul(x.reshape(-1, in_ch), w_all).reshape(*x.shape[:3], taps * out_ch)
         parts = [z[:, i * dh : i * dh + h_out, j * dw : j * dw + w_out, k * out_ch : (k + 1) * out_ch]
                  for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))]
         return _weighted_sum(mx.ones((taps,), dtype=z.dtype), *parts)
     cols = _conv_taps(x, (kh, kw), out_hw, stride, dilation)
     cols = cols[0] if taps == 1 else mx.concatenate(cols, axis=-1)
     w_cols = mx.contiguous(w.reshape(out_ch, taps * in_ch).T)
-    return (cols.reshape(-1, taps * in_ch) @ w_cols).reshape(b, h_out, w_out, out_ch)
+    return matmul(cols.reshape(-1, taps * in_ch), w_cols).reshape(b, h_out, w_out, out_ch)
 
 
 def conv_transpose2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1, 1),

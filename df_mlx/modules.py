@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from df_mlx.layers import GRU, BatchNorm2d, ConstantPad2d, Conv2d, ConvTranspose2d, pad_axis
+from df_mlx.layers import GRU, BatchNorm2d, ConstantPad2d, Conv2d, ConvTranspose2d, matmul, pad_axis
 from df_mlx.libdf import unit_norm_init
 from df_mlx.model import ModelParams
 from df_mlx.utils import as_complex, as_real, get_device, get_norm_alpha  # noqa: F401  (re-exported, as df.modules)
@@ -249,7 +249,7 @@ class Mask(nn.Module):
         if atten_lim is not None:
             atten_lim = 10 ** (-atten_lim / 20)
             mask = mx.maximum(mask, atten_lim.reshape(-1, 1, 1, 1))
-        mask = mask @ self.erb_inv_fb  # [B, 1, T, F]
+        mask = matmul(mask, self.erb_inv_fb)  # [B, 1, T, F]
         if not mx.issubdtype(spec.dtype, mx.complexfloating):
             mask = mask[..., None]
         return spec * mask

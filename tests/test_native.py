@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # native vs pure GRU: the same op order; only the gate functions differ (<= 3 ulp each), which
 # 1000 steps of a GRU(256) accumulate to 3.6e-7
 NATIVE_VS_PURE_TOL = 2e-6
+MATMUL_TOL = 1e-5  # one float32 sgemm against another: summation order over K = 7 (relative to the largest)
 SIGMOID_ULP = 3.0  # df_mlx/native/fastmath.h's stated bounds
 TANH_ULP = 2.0
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the native extension is built on Linux")
+needs_native = pytest.mark.skipif(_native.module is None, reason=f"native ops unavailable: {_native.reason}")
 
 
 def _run(code: str, **env) -> str:
@@ -61,6 +63,47 @@ def test_pip_only_native_products_use_the_pip_openblas_whatever_the_import_order
     assert mlx_blas == (native_blas if df_mlx_first else "None")
 
 
+@linux_only
+@pytest.mark.parametrize("df_mlx_first", [True, False], ids=["df_mlx_first", "mlx_first"])
+def test_model_products_leave_the_reference_blas_whatever_the_import_order(df_mlx_first):
+    """After `import mlx.core`, MLX's own matmuls stay on the wheel's reference BLAS, so the
+    models' dense products (layers.matmul: linear layers, GRU input projections, convolutions,
+    the ERB mask) run on the native op instead; where MLX's matmuls have a fast BLAS they stay
+    MLX's."""
+    order = "import df_mlx, mlx.core" if df_mlx_first else "import mlx.core, df_mlx"
+    code = (PIP_ONLY + f"{order}\nfrom df_mlx import _blas, _native\n"
+            "print(_blas.loaded is None, _native.products)")
+    assert _run(code) == ("False False" if df_mlx_first else "True True")
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 5, 7)])
+def test_native_matmul_equals_mlx_and_has_its_gradient(monkeypatch, shape):
+    monkeypatch.setattr(_native, "products", True)
+    rng = np.random.default_rng(0)
+    a, b = mx.array(rng.normal(size=shape).astype(np.float32)), mx.array(rng.normal(size=(7, 4)).astype(np.float32))
+    got = layers.matmul(a, b)
+    assert got.shape == (a @ b).shape
+    assert mx.abs(got - a @ b).max().item() < MATMUL_TOL
+    loss = lambda mm: lambda x, y: (mm(x, y) ** 2).sum()  # noqa: E731
+    grads = mx.compile(mx.grad(loss(layers.matmul), argnums=(0, 1)))(a, b)
+    ref = mx.grad(loss(lambda x, y: x @ y), argnums=(0, 1))(a, b)
+    for g, r in zip(grads, ref):
+        assert mx.abs(g - r).max().item() < MATMUL_TOL * max(1.0, mx.abs(r).max().item())
+
+
+@needs_native
+def test_the_native_matmul_runs_where_products_are_on(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_native, "products", True)
+    monkeypatch.setattr(layers, "_native_matmul", lambda a, b: calls.append(a.shape) or a @ b)
+    layers.linear(mx.ones((2, 3)), mx.ones((4, 3)))
+    assert calls == [(2, 3)]
+    monkeypatch.setattr(_native, "products", False)
+    layers.linear(mx.ones((2, 3)), mx.ones((4, 3)))
+    assert calls == [(2, 3)]
+
+
 def test_dfmlx_native_0_selects_the_pure_path():
     out = _run("from df_mlx import _native; print(_native.module, _native.reason)", DFMLX_NATIVE="0")
     assert out == "None DFMLX_NATIVE=0"
@@ -76,7 +119,6 @@ def _case(steps=40, batch=3, size=32, seed=0):
     return [mx.array(a.astype(np.float32)) for a in (xp, h0, w, b)]
 
 
-needs_native = pytest.mark.skipif(_native.module is None, reason=f"native ops unavailable: {_native.reason}")
 
 
 @needs_native

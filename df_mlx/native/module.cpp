@@ -1,11 +1,12 @@
-// df_mlx._kernels: the native recurrences (GRU, selective scan) as functions on mx.array (nanobind, domain "mlx", so
-// that mlx.core's array type is shared).
+// df_mlx._kernels: the native recurrences (GRU, selective scan) and dense products as functions
+// on mx.array (nanobind, domain "mlx", so that mlx.core's array type is shared).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "blas.h"
 #include "gru.h"
+#include "matmul.h"
 #include "selective_scan.h"
 
 namespace nb = nanobind;
@@ -23,6 +24,8 @@ NB_MODULE(_kernels, m) {
   m.def("selective_scan", &dfmlx::selective_scan, nb::arg("x"), nb::arg("delta"), nb::arg("a"),
         nb::arg("b"), nb::arg("c"), nb::arg("h0"),
         "Mamba's selective scan over x, delta [B, L, D]: [y [B, L, D], h_L [B, D, N]]");
+  m.def("matmul", &dfmlx::matmul, nb::arg("a"), nb::arg("b"),
+        "a [M, K] @ b [K, N] on the bound BLAS (float32, CPU)");
   m.def("bind_blas", &dfmlx::bind_blas, nb::arg("path"), nb::arg("prefix") = "",
         "Bind {prefix}cblas_sgemv/sgemm from a shared library; returns '' or why not");
   m.def("blas_library", &dfmlx::blas_library, "The file the bound sgemv comes from");

@@ -1,0 +1,28 @@
+// A dense float32 matrix product on the BLAS the native ops bind (CPU), for MLX's matmuls where
+// libmlx's own cblas_sgemm is the wheel's reference BLAS (mlx.core imported before df_mlx).
+#pragma once
+
+#include <vector>
+
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace dfmlx {
+
+namespace mx = mlx::core;
+
+// a [M, K] @ b [K, N] -> [M, N], float32 on a CPU stream.
+mx::array matmul(const mx::array& a, const mx::array& b);
+
+class Matmul : public mx::Primitive {
+ public:
+  explicit Matmul(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override { return "Matmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+};
+
+}  // namespace dfmlx
