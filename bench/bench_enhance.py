@@ -1,8 +1,8 @@
 """DFN3 enhancement speed: df-mlx (MLX CPU) against upstream torch and onnxruntime on the same
 pretrained weights, 1 and 2 threads, in one run; plus streaming per-hop latency and peak
-memory. df-mlx runs three ways: as installed (its native recurrences; MLX's matmuls on apt's
-BLIS where installed), on the BLAS pip alone gives (no system BLAS visible), and with its
-pure-MLX recurrences (DFMLX_NATIVE=0, as before the native ops). Each (engine, threads) runs in
+memory. df-mlx runs four ways: as installed (its native recurrences; MLX's matmuls on apt's
+BLIS where installed), on the BLAS pip alone gives (no system BLAS visible), the same with
+`mlx.core` imported before df_mlx, and with its pure-MLX recurrences (DFMLX_NATIVE=0, as before the native ops). Each (engine, threads) runs in
 its own process so thread settings and memory are isolated. Writes bench/results.md and
 bench/results.png.
 
@@ -23,8 +23,9 @@ import numpy as np
 from bench_forward import hide_system_blas
 
 HERE = Path(__file__).resolve().parent
-ENGINES = ("df-mlx", "df-mlx pip BLAS", "df-mlx pure-MLX", "torch", "onnxruntime")
-MLX_ENGINES = ENGINES[:3]
+PIP_MLX_FIRST = "df-mlx pip BLAS, mlx.core first"  # what the README's install gives most scripts
+ENGINES = ("df-mlx", "df-mlx pip BLAS", PIP_MLX_FIRST, "df-mlx pure-MLX", "torch", "onnxruntime")
+MLX_ENGINES = ENGINES[:4]
 
 
 def _audio(seconds: float) -> np.ndarray:
@@ -111,8 +112,10 @@ def _ort_runner(threads: int):
 
 
 def _child(engine: str, threads: int, seconds_list, repeats: int) -> dict:
-    if engine == "df-mlx pip BLAS":
+    if engine in ("df-mlx pip BLAS", PIP_MLX_FIRST):
         hide_system_blas()
+    if engine == PIP_MLX_FIRST:
+        import mlx.core  # noqa: F401  (before df_mlx, as most user scripts do)
     runner = _torch_runner(threads) if engine == "torch" else _ort_runner(threads) if engine == "onnxruntime" \
         else _mlx_runner()
     result = {}
@@ -182,17 +185,19 @@ def _write(results, args):
     lines = ["# DFN3 enhancement speed", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; real-time factor "
              f"(time / audio duration, best of {args.repeats}); lower is better. df-mlx: as installed (native "
-             "recurrences, apt BLIS for MLX's matmuls); pip BLAS: no system BLAS, the scipy-openblas32 wheel's; "
+             "recurrences, apt BLIS for MLX's matmuls); pip BLAS: no system BLAS, the scipy-openblas32 wheel's "
+             "(mlx.core first: imported before df_mlx, MLX's own matmuls on its reference BLAS, the models' "
+             "products on the native op); "
              "pure-MLX: DFMLX_NATIVE=0. Ratio = time / torch's or onnxruntime's.", "",
              "| threads | audio | " + " | ".join(f"{e} RTF" for e in ENGINES)
-             + " | df-mlx / torch | pip BLAS / torch | df-mlx / ORT |",
-             "|---|---|" + "---|" * (len(ENGINES) + 3)]
+             + " | df-mlx / torch | pip BLAS / torch | pip, mlx first / torch | df-mlx / ORT |",
+             "|---|---|" + "---|" * (len(ENGINES) + 4)]
     for threads in args.threads:
         for s in args.seconds:
             r = {e: results[(e, threads)][f"{s:g}"] for e in ENGINES}
             lines.append(f"| {threads} | {s:g} s | " + " | ".join(f"{r[e]:.3f}" for e in ENGINES)
                          + f" | {r['df-mlx'] / r['torch']:.2f}x | {r['df-mlx pip BLAS'] / r['torch']:.2f}x"
-                         f" | {r['df-mlx'] / r['onnxruntime']:.2f}x |")
+                         f" | {r[PIP_MLX_FIRST] / r['torch']:.2f}x | {r['df-mlx'] / r['onnxruntime']:.2f}x |")
     lines += ["", "| threads | engine | peak memory (MB) |", "|---|---|---|"]
     for (engine, threads), r in results.items():
         lines.append(f"| {threads} | {engine} | {r['peak_mb']:.0f} |")
