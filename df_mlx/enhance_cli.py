@@ -363,11 +363,17 @@ def enhance_cmd(inputs, noisy_dir, output_dir, model_dir, epoch, atten_lim, pf, 
         raise SystemExit(1)
 
 
+def shown(text: str) -> str:
+    """`text` on one line: a file name holding a newline or other control characters is shown
+    escaped, as Python writes it, so every failure stays one `Error:` line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _summary(results: List[FileResult]):
     done = [r for r in results if r.error is None]
     for r in results:
         if r.error:
-            click.echo(f"Error: {r.source}: {r.error}", err=True)
+            click.echo(f"Error: {shown(r.source)}: {shown(r.error)}", err=True)
         else:
             click.echo(f"{r.output}  ({r.seconds:.1f} s audio, RTF {r.elapsed / max(r.seconds, 1e-9):.3f})")
     audio = sum(r.seconds for r in done)

@@ -193,6 +193,18 @@ def test_a_bad_file_fails_alone_and_the_batch_goes_on(tmp_path, model_dir, make,
     assert_only_new(before, tree(tmp_path), ["out", "out/good_small.wav"])
 
 
+def test_a_file_name_with_a_newline_fails_on_one_line(tmp_path, model_dir):  # noqa: F811
+    bad = tmp_path / "in" / "a\nb.wav"
+    bad.parent.mkdir()
+    bad.write_bytes(b"RIFF not audio")
+    before = tree(tmp_path)
+    result = run("enhance", bad, "-m", model_dir, "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    assert errors(result) == [f"Error: {tmp_path}/in/a\\nb.wav: not a readable audio file "
+                              "(Format not recognised.)"]
+    assert_only_new(before, tree(tmp_path), new=["out"])
+
+
 def test_too_long_is_refused_from_the_header(tmp_path, model_dir, monkeypatch):  # noqa: F811
     import df_mlx.enhance_cli as cli
 
