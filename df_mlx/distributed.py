@@ -8,8 +8,9 @@ command; without a launcher the group has one rank and every function here is th
   epoch; files are dealt by length (`share_files`).
 - Weights: df's losses are means over a batch's items, so each rank's loss counts n_r / N of
   the global batch's (`weigh`, inside the differentiated function); the loss and gradients
-  are then averaged over ranks (`average_gradients`) before clipping. A rank left without
-  items (a batch smaller than the world) computes a stand-in item of weight 0.
+  are then averaged over ranks (`average_gradients`) before clipping. Every rank computes
+  the largest share's number of items, the smaller shares padded with items of weight 0
+  (a rank left without items by a batch smaller than the world computes only padding).
 - BatchNorm's batch moments are combined over ranks by their shares' counts (`batch_moments`),
   their gradient summed back to every rank, so that averaged gradients equal the gradient of
   the global batch.
@@ -102,12 +103,16 @@ def share_bounds(n: int, world: int, r: int) -> Tuple[int, int]:
 
 
 def local_share(indices: Sequence[int]) -> Sequence[int]:
-    """This rank's contiguous share of one global batch's sample indices; a rank that the batch
-    leaves without items takes its last item as a stand-in, which `weigh` weights by 0."""
+    """This rank's contiguous share of one global batch's sample indices, padded with the
+    batch's last item to the largest share's size (3 over 2 ranks: [0, 1] and [2, 2]), so that
+    every rank computes the same shapes: MLX may order the collectives of graphs of other
+    shapes differently, pairing one rank's BatchNorm layer with another's. The padding items
+    count nothing (`own`, `weigh`, `batch_moments`)."""
     if size() == 1:
         return indices
     start, stop = share_bounds(len(indices), size(), rank())
-    return indices[start:stop] if stop > start else indices[len(indices) - 1 :]
+    pad = -(-len(indices) // size()) - (stop - start)
+    return list(indices[start:stop]) + [indices[len(indices) - 1]] * pad
 
 
 _global_items: Optional[int] = None  # the global batch of the step being computed (share_of)
@@ -127,10 +132,17 @@ def share_of(global_items: Optional[int]):
 
 
 def _items(local_items: int) -> List[int]:
-    """The real items of every rank's share in the current step."""
+    """The own (not padding) items of every rank's share in the current step."""
     if _global_items is None:
         return [local_items] * size()
     return [stop - start for start, stop in (share_bounds(_global_items, size(), r) for r in range(size()))]
+
+
+def own(x: mx.array) -> mx.array:
+    """The rows of x [batch, ...] that are this rank's own items, without the padding of its
+    share (all rows for a rank with none: its loss weighs 0), for the loss to average over."""
+    n = _items(x.shape[0])[rank()] if size() > 1 else x.shape[0]
+    return x if n in (0, x.shape[0]) else x[:n]
 
 
 def weigh(loss: mx.array) -> mx.array:
@@ -228,15 +240,17 @@ def batch_moments(x: mx.array, axes: Tuple[int, ...]) -> Tuple[mx.array, mx.arra
     one collective and combined with the shares' counts (Chan et al.'s pairwise formula for
     unequal counts, as accurate as two passes over the whole batch), so the global batch is
     normalised as one batch. The counts follow from the global batch's size by the share rule
-    on every rank alike; a stand-in's moments count 0."""
+    on every rank alike; padding items count 0."""
     n = x.size // x.shape[-1]
     if size() == 1:
         return x.mean(axes), x.var(axes), n
     _watchdog.arm("computing BatchNorm statistics")
     per_item = n // x.shape[0]
     items = _items(x.shape[0])
-    local_mean = x.mean(axes)
-    local_m2 = mx.square(x - local_mean).sum(axes) if items[rank()] else mx.zeros_like(local_mean)
+    # the own items only, by a mask (the same graph on every rank)
+    keep = (mx.arange(x.shape[0]) < items[rank()]).astype(x.dtype).reshape(-1, *(1,) * (x.ndim - 1))
+    local_mean = (x * keep).sum(axes) / max(items[rank()] * per_item, 1)
+    local_m2 = (mx.square(x - local_mean) * keep).sum(axes)
     every = _gather_over_ranks(mx.stack([local_mean, local_m2])).reshape(size(), 2, -1)
     return combine_moments(every[:, 0], every[:, 1], items, per_item)
 

@@ -205,7 +205,8 @@ def forward_loss(model, losses: Loss, batch: Batch) -> Tuple[mx.array, tuple]:
     """The model on the noisy spectrum and features, then df's loss against the clean one."""
     noisy = batch.noisy
     enh, m, lsnr, other = model(spec=as_real(noisy), feat_erb=batch.feat_erb, feat_spec=as_real(batch.feat_spec))
-    err = losses(batch.speech, noisy, enh, m, lsnr, snrs=batch.snr)
+    own = distributed.own  # under mlx.launch: without the padding of this rank's share
+    err = losses(own(batch.speech), own(noisy), own(enh), own(m), own(lsnr), snrs=own(batch.snr))
     return err, (enh, m, lsnr, other)
 
 

@@ -208,12 +208,12 @@ def _gan_step(model, disc, opt: optim.Optimizer, opt_disc: optim.Optimizer, loss
     istft = losses.istft
     if istft is None:
         raise ValueError("GAN training needs the Istft of df_mlx.train.setup_losses")
-    clean_wav = synthesize_waveform(batch.speech, istft)
+    clean_wav = distributed.own(synthesize_waveform(batch.speech, istft))  # without padding items
     d_loss = None
     if update_disc:
         before = tree_flatten(model.parameters())  # the forward below must not count in BatchNorm's statistics
         enh = model(spec=as_real(batch.noisy), feat_erb=batch.feat_erb, feat_spec=as_real(batch.feat_spec))[0]
-        enh_wav = mx.stop_gradient(synthesize_waveform(enh, istft))
+        enh_wav = mx.stop_gradient(distributed.own(synthesize_waveform(enh, istft)))
         mx.eval(enh_wav)
         model.update(tree_unflatten(before))
         d_loss = train_discriminator_step(disc, opt_disc, gan, clean_wav, enh_wav)
@@ -221,7 +221,7 @@ def _gan_step(model, disc, opt: optim.Optimizer, opt_disc: optim.Optimizer, loss
 
     def total():
         err, outputs = base.forward_loss(model, losses, batch)
-        terms = gan.generator(disc, clean_wav, synthesize_waveform(outputs[0], istft))
+        terms = gan.generator(disc, clean_wav, distributed.own(synthesize_waveform(outputs[0], istft)))
         return distributed.weigh(err + terms["total"]), (outputs, err, terms)
 
     (err, (outputs, base_loss, terms)), grads = nn.value_and_grad(model, total)()
