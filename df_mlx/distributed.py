@@ -87,8 +87,8 @@ def any_rank(flag: bool) -> bool:
 
 
 def check_batch_size(batch_size: int, what: str = "[train] batch_size"):
-    """Every rank needs an item of every full batch (a smaller last batch leaves some ranks a
-    stand-in of weight 0; on every batch it would waste them)."""
+    """Every rank needs an item of every full batch (a smaller last batch leaves some ranks
+    only padding of weight 0; on every batch it would waste them)."""
     if batch_size < size():
         raise DistributedError(f"{what} = {batch_size} is smaller than the {size()} ranks: every step would "
                                f"leave {size() - batch_size} of them without items; use at least one item per rank")
@@ -147,7 +147,7 @@ def own(x: mx.array) -> mx.array:
 
 def weigh(loss: mx.array) -> mx.array:
     """This rank's share of a loss that is a mean over its items, scaled by n_r * world / N,
-    so that the average over ranks is the mean over the global batch (0 for a stand-in)."""
+    so that the average over ranks is the mean over the global batch (0 for a rank with only padding)."""
     if size() == 1 or _global_items is None:
         return loss
     start, stop = share_bounds(_global_items, size(), rank())
