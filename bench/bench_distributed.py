@@ -61,7 +61,7 @@ def train_worker(base: str, batch: int, seconds: float, steps: int):
     clean = (0.1 * rng.standard_normal((batch, n))).astype(np.float32)
     noise = (0.1 * rng.standard_normal((batch, n))).astype(np.float32)
     full = train.make_batch(clean, noise, [0.0] * batch, train.state, p.nb_df)
-    local = full.slice(np.asarray(distributed.local_share(np.arange(batch))))
+    local = full.local_share()
     model.train()
     train.train_step(model, opt, losses, local)  # warm-up
     distributed.total(0.0)

@@ -2,12 +2,18 @@
 df_mlx-only module): started under `mlx.launch` (ring, MPI or NCCL), every rank runs the same
 command; without a launcher the group has one rank and every function here is the identity.
 
-- Sharding: each global batch of the deterministic sampler is cut into equal contiguous
-  shares, rank r taking the r-th (`local_share`), so the union over ranks is the
-  single-process batch; files are dealt by length (`share_files`).
-- Gradients and the loss are averaged over ranks (`average_gradients`) before clipping.
-- BatchNorm's batch moments are combined over ranks (`batch_moments`), their gradient summed
-  back to every rank, so that averaged gradients equal the gradient of the global batch.
+- Sharding: each global batch of the deterministic sampler, the last incomplete one too, is
+  cut into contiguous shares whose sizes differ by at most one (3 items over 2 ranks: 2 + 1),
+  rank r taking the r-th (`local_share`), so the union over ranks is the single-process
+  epoch; files are dealt by length (`share_files`).
+- Weights: df's losses are means over a batch's items, so each rank's loss counts n_r / N of
+  the global batch's (`weigh`, inside the differentiated function); the loss and gradients
+  are then averaged over ranks (`average_gradients`) before clipping. Every rank computes
+  the largest share's number of items, the smaller shares padded with items of weight 0
+  (a rank left without items by a batch smaller than the world computes only padding).
+- BatchNorm's batch moments are combined over ranks by their shares' counts (`batch_moments`),
+  their gradient summed back to every rank, so that averaged gradients equal the gradient of
+  the global batch.
 - Only rank 0 writes (`on_writer`); its decisions reach every rank (`writer_decides`).
 - Failure: a lost peer ends the rank with one `Error:` line instead of a traceback; a rank
   left waiting in a collective longer than DFMLX_DIST_TIMEOUT seconds stops itself.
@@ -37,7 +43,7 @@ _group: Optional[mx.distributed.Group] = None
 
 
 class DistributedError(RuntimeError):
-    """Ranks that cannot work together (different checkpoints, an unsplittable batch)."""
+    """Ranks that cannot work together (different checkpoints, fewer items than ranks)."""
 
 
 def group() -> mx.distributed.Group:
@@ -81,27 +87,72 @@ def any_rank(flag: bool) -> bool:
 
 
 def check_batch_size(batch_size: int, what: str = "[train] batch_size"):
-    """A global batch must split into equal per-rank shares."""
-    if batch_size % size():
-        raise DistributedError(f"{what} = {batch_size} does not split over {size()} ranks: "
-                               f"use a multiple of the world size")
+    """Every rank needs an item of every full batch (a smaller last batch leaves some ranks
+    only padding of weight 0; on every batch it would waste them)."""
+    if batch_size < size():
+        raise DistributedError(f"{what} = {batch_size} is smaller than the {size()} ranks: every step would "
+                               f"leave {size() - batch_size} of them without items; use at least one item per rank")
 
 
-def n_batches(n_samples: int, batch_size: int, drop_last: bool) -> int:
-    """Batches per epoch; with several ranks an incomplete last training batch is dropped,
-    because it would not split into equal shares."""
-    if drop_last or size() > 1:
-        return n_samples // batch_size
-    return -(-n_samples // batch_size)
+def share_bounds(n: int, world: int, r: int) -> Tuple[int, int]:
+    """Start and stop of rank r's contiguous share of n items over `world` ranks: the first
+    n % world ranks take one item more (3 over 2: [0, 2) and [2, 3))."""
+    k, extra = divmod(n, world)
+    start = r * k + min(r, extra)
+    return start, start + k + (r < extra)
 
 
 def local_share(indices: Sequence[int]) -> Sequence[int]:
-    """This rank's contiguous share of one global batch's sample indices."""
+    """This rank's contiguous share of one global batch's sample indices, padded with the
+    batch's last item to the largest share's size (3 over 2 ranks: [0, 1] and [2, 2]), so that
+    every rank computes the same shapes: MLX may order the collectives of graphs of other
+    shapes differently, pairing one rank's BatchNorm layer with another's. The padding items
+    count nothing (`own`, `weigh`, `batch_moments`)."""
     if size() == 1:
         return indices
-    check_batch_size(len(indices), "a batch of")
-    k = len(indices) // size()
-    return indices[rank() * k : (rank() + 1) * k]
+    start, stop = share_bounds(len(indices), size(), rank())
+    pad = -(-len(indices) // size()) - (stop - start)
+    return list(indices[start:stop]) + [indices[len(indices) - 1]] * pad
+
+
+_global_items: Optional[int] = None  # the global batch of the step being computed (share_of)
+
+
+@contextmanager
+def share_of(global_items: Optional[int]):
+    """Within: this rank computes its share (local_share) of a global batch of `global_items`
+    items (None: equal shares, the batch's own size on every rank), which sets the weight of
+    its loss (`weigh`) and of its BatchNorm moments."""
+    global _global_items
+    before, _global_items = _global_items, global_items
+    try:
+        yield
+    finally:
+        _global_items = before
+
+
+def _items(local_items: int) -> List[int]:
+    """The own (not padding) items of every rank's share in the current step."""
+    if _global_items is None:
+        return [local_items] * size()
+    return [stop - start for start, stop in (share_bounds(_global_items, size(), r) for r in range(size()))]
+
+
+def own(x: mx.array) -> mx.array:
+    """The rows of x [batch, ...] that are this rank's own items, without the padding of its
+    share (all rows for a rank with none: its loss weighs 0), for the loss to average over."""
+    n = _items(x.shape[0])[rank()] if size() > 1 else x.shape[0]
+    return x if n in (0, x.shape[0]) else x[:n]
+
+
+def weigh(loss: mx.array) -> mx.array:
+    """This rank's share of a loss that is a mean over its items, scaled by n_r * world / N,
+    so that the average over ranks is the mean over the global batch (0 for a rank with only padding)."""
+    if size() == 1 or _global_items is None:
+        return loss
+    start, stop = share_bounds(_global_items, size(), rank())
+    weight = (stop - start) * size() / _global_items
+    return loss if weight == 1 else loss * weight
 
 
 def file_seconds(path: str) -> float:
@@ -162,7 +213,8 @@ def total(value: float) -> float:
 
 
 def average_gradients(loss: mx.array, grads) -> Tuple[mx.array, object]:
-    """The loss and the gradient tree averaged over ranks (mlx.nn.average_gradients)."""
+    """The loss and the gradient tree averaged over ranks (mlx.nn.average_gradients); of
+    `weigh`ted losses, these are the global batch's mean loss and its gradient."""
     if size() == 1:
         return loss, grads
     _watchdog.arm("in a training step")
@@ -184,21 +236,35 @@ def _gather_over_ranks_vjp(primals, cotangent, output):
 
 def batch_moments(x: mx.array, axes: Tuple[int, ...]) -> Tuple[mx.array, mx.array, int]:
     """Mean, biased variance and element count per channel over `axes`, over every rank's
-    batch (equal shapes on every rank, as local_share makes them): each rank's mean and sum
-    of squared deviations, gathered in one collective and combined (Chan et al.'s pairwise
-    formula, as accurate as two passes over the whole batch), so the global batch is
-    normalised as one batch."""
+    share of the batch (share_of): each rank's mean and sum of squared deviations, gathered in
+    one collective and combined with the shares' counts (Chan et al.'s pairwise formula for
+    unequal counts, as accurate as two passes over the whole batch), so the global batch is
+    normalised as one batch. The counts follow from the global batch's size by the share rule
+    on every rank alike; padding items count 0."""
     n = x.size // x.shape[-1]
     if size() == 1:
         return x.mean(axes), x.var(axes), n
     _watchdog.arm("computing BatchNorm statistics")
-    local_mean = x.mean(axes)
-    local_m2 = mx.square(x - local_mean).sum(axes)
+    per_item = n // x.shape[0]
+    items = _items(x.shape[0])
+    # the own items only, by a mask (the same graph on every rank)
+    keep = (mx.arange(x.shape[0]) < items[rank()]).astype(x.dtype).reshape(-1, *(1,) * (x.ndim - 1))
+    local_mean = (x * keep).sum(axes) / max(items[rank()] * per_item, 1)
+    local_m2 = (mx.square(x - local_mean) * keep).sum(axes)
     every = _gather_over_ranks(mx.stack([local_mean, local_m2])).reshape(size(), 2, -1)
-    means, m2s = every[:, 0], every[:, 1]
-    mean = means.mean(0)
-    count = n * size()
-    return mean, (m2s.sum(0) + n * mx.square(means - mean).sum(0)) / count, count
+    return combine_moments(every[:, 0], every[:, 1], items, per_item)
+
+
+def combine_moments(means: mx.array, m2s: mx.array, items: Sequence[int],
+                    per_item: int) -> Tuple[mx.array, mx.array, int]:
+    """Mean, biased variance and element count of parts of `items` items of `per_item`
+    elements each, from their means and sums of squared deviations [parts, C] (Chan et al.:
+    the means weighted by the counts, the m2s plus each count times its mean's squared
+    distance from the mean); a part of 0 items (whose m2 is 0) counts nothing."""
+    count = sum(items) * per_item
+    mean = (mx.array([k / sum(items) for k in items])[:, None] * means).sum(0)
+    spread = (mx.array([float(k * per_item) for k in items])[:, None] * mx.square(means - mean)).sum(0)
+    return mean, (m2s.sum(0) + spread) / count, count
 
 
 def step_done():

@@ -329,7 +329,9 @@ class Batch:
     """The fields df.train reads from a libdfdata batch: complex spectra [B, 1, T, F] of the
     clean speech and the noisy mixture, ERB features [B, 1, T, E], complex normalised spectral
     features [B, 1, T, nb_df] and the mixing SNR per sample; libdfdata here also fills
-    the sample ids, lengths (frames before padding), speech gains and max frequencies."""
+    the sample ids, lengths (frames before padding), speech gains and max frequencies. A
+    training batch under mlx.launch is this rank's share of a global batch of `global_size`
+    items (df_mlx.distributed.share_of; None: the whole batch, or equal shares)."""
 
     speech: mx.array
     noisy: mx.array
@@ -341,6 +343,7 @@ class Batch:
     lengths: Optional[mx.array] = None
     gain: Optional[mx.array] = None
     max_freq: Optional[mx.array] = None
+    global_size: Optional[int] = None
 
     def __len__(self) -> int:
         return self.noisy.shape[0]
@@ -350,6 +353,12 @@ class Batch:
         return Batch(take(self.speech), take(self.noisy), take(self.feat_erb), take(self.feat_spec),
                      take(self.snr), take(self.ids), None, take(self.lengths), take(self.gain),
                      take(self.max_freq))
+
+    def local_share(self) -> "Batch":
+        """This rank's share of the batch under mlx.launch (df_mlx.distributed.local_share)."""
+        share = self.slice(np.asarray(distributed.local_share(np.arange(len(self)))))
+        share.global_size = len(self)
+        return share
 
 
 def spectral_sample(sample: dict, df_state, nb_spec: int, norm_alpha: float) -> dict:
@@ -436,8 +445,6 @@ class DataLoader:
 
     def len(self, split: str) -> int:
         n, bs = self.dataset_len(split), self.get_batch_size(split)
-        if split == "train":
-            return distributed.n_batches(n, bs, self.drop_last)
         return n // bs if self.drop_last else -(-n // bs)
 
     def __len__(self) -> int:
@@ -470,6 +477,9 @@ class DataLoader:
         with ThreadPoolExecutor(self.num_workers) as pool:
             for b in range(self.len(split)):
                 idx = order[b * bs : (b + 1) * bs]
-                if split == "train":
-                    idx = distributed.local_share(idx)
-                yield collate(list(pool.map(make, idx)), n_frames)
+                if split != "train":
+                    yield collate(list(pool.map(make, idx)), n_frames)
+                    continue
+                batch = collate(list(pool.map(make, distributed.local_share(idx))), n_frames)
+                batch.global_size = len(idx)
+                yield batch

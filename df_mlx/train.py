@@ -105,8 +105,8 @@ class BatchLoader:
             order = np.random.default_rng(seed).permutation(order)
         bs = self.get_batch_size(split)
         for i in range(self.len(split)):
-            idx = order[i * bs : (i + 1) * bs]
-            yield samples.slice(distributed.local_share(idx) if split == "train" else idx)
+            batch = samples.slice(order[i * bs : (i + 1) * bs])
+            yield batch.local_share() if split == "train" else batch
 
 
 def _param_names(model, mask_only: bool, df_only: bool) -> List[str]:
@@ -205,7 +205,8 @@ def forward_loss(model, losses: Loss, batch: Batch) -> Tuple[mx.array, tuple]:
     """The model on the noisy spectrum and features, then df's loss against the clean one."""
     noisy = batch.noisy
     enh, m, lsnr, other = model(spec=as_real(noisy), feat_erb=batch.feat_erb, feat_spec=as_real(batch.feat_spec))
-    err = losses(batch.speech, noisy, enh, m, lsnr, snrs=batch.snr)
+    own = distributed.own  # under mlx.launch: without the padding of this rank's share
+    err = losses(own(batch.speech), own(noisy), own(enh), own(m), own(lsnr), snrs=own(batch.snr))
     return err, (enh, m, lsnr, other)
 
 
@@ -251,8 +252,15 @@ def _none_if_unreached(grads: Grads) -> Grads:
 
 def compute_grads(model, losses: Loss, batch: Batch, zero_grad_is_none: bool = True) -> Tuple[mx.array, tuple, Grads]:
     """Loss, model outputs and the raw gradient of every trainable parameter, by name; with
-    several ranks the loss and gradients are their averages over the ranks' batches."""
-    (err, outputs), grads = nn.value_and_grad(model, lambda: forward_loss(model, losses, batch))()
+    several ranks the loss and gradients are those of the global batch, the ranks' shares
+    weighted by their sizes."""
+
+    def weighed_loss():
+        err, outputs = forward_loss(model, losses, batch)
+        return distributed.weigh(err), outputs
+
+    with distributed.share_of(batch.global_size):
+        (err, outputs), grads = nn.value_and_grad(model, weighed_loss)()
     err, grads = distributed.average_gradients(err, grads)
     flat: Grads = dict(tree_flatten(grads))
     return err, outputs, _none_if_unreached(flat) if zero_grad_is_none else flat

@@ -175,7 +175,7 @@ def train_discriminator_step(disc, opt_disc: optim.Optimizer, gan: GanLoss, real
     """One discriminator step: its loss, gradients clipped to norm 1 (a non-finite norm raises
     RuntimeError before the update), AdamW. Returns the loss."""
     opt_disc.zero_grad()
-    d_loss, grads = nn.value_and_grad(disc, lambda: gan.discriminator(disc, real_wav, fake_wav))()
+    d_loss, grads = nn.value_and_grad(disc, lambda: distributed.weigh(gan.discriminator(disc, real_wav, fake_wav)))()
     d_loss, grads = distributed.average_gradients(d_loss, grads)
     clipped, _ = base.clip_grad_norm_(dict(tree_flatten(grads)), 1.0, error_if_nonfinite=True)
     opt_disc.step(disc, clipped)
@@ -195,18 +195,25 @@ def gan_train_step(model, disc, opt: optim.Optimizer, opt_disc: optim.Optimizer,
                    batch: base.Batch, update_disc: bool = True) -> GanStepResult:
     """The fork's GAN step: generator forward, the discriminator's step on the clean and the
     detached enhanced waveforms (if `update_disc`), then the generator's step on df's loss plus
-    the GAN terms of the updated discriminator (gradients clipped to norm 1)."""
+    the GAN terms of the updated discriminator (gradients clipped to norm 1). Under mlx.launch
+    on this rank's share of the global batch, both losses weighted by its size."""
+    with distributed.share_of(batch.global_size):
+        return _gan_step(model, disc, opt, opt_disc, losses, gan, batch, update_disc)
+
+
+def _gan_step(model, disc, opt: optim.Optimizer, opt_disc: optim.Optimizer, losses: Loss, gan: GanLoss,
+              batch: base.Batch, update_disc: bool) -> GanStepResult:
     opt.zero_grad()
     opt_disc.zero_grad()
     istft = losses.istft
     if istft is None:
         raise ValueError("GAN training needs the Istft of df_mlx.train.setup_losses")
-    clean_wav = synthesize_waveform(batch.speech, istft)
+    clean_wav = distributed.own(synthesize_waveform(batch.speech, istft))  # without padding items
     d_loss = None
     if update_disc:
         before = tree_flatten(model.parameters())  # the forward below must not count in BatchNorm's statistics
         enh = model(spec=as_real(batch.noisy), feat_erb=batch.feat_erb, feat_spec=as_real(batch.feat_spec))[0]
-        enh_wav = mx.stop_gradient(synthesize_waveform(enh, istft))
+        enh_wav = mx.stop_gradient(distributed.own(synthesize_waveform(enh, istft)))
         mx.eval(enh_wav)
         model.update(tree_unflatten(before))
         d_loss = train_discriminator_step(disc, opt_disc, gan, clean_wav, enh_wav)
@@ -214,8 +221,8 @@ def gan_train_step(model, disc, opt: optim.Optimizer, opt_disc: optim.Optimizer,
 
     def total():
         err, outputs = base.forward_loss(model, losses, batch)
-        terms = gan.generator(disc, clean_wav, synthesize_waveform(outputs[0], istft))
-        return err + terms["total"], (outputs, err, terms)
+        terms = gan.generator(disc, clean_wav, distributed.own(synthesize_waveform(outputs[0], istft)))
+        return distributed.weigh(err + terms["total"]), (outputs, err, terms)
 
     (err, (outputs, base_loss, terms)), grads = nn.value_and_grad(model, total)()
     err, grads = distributed.average_gradients(err, grads)

@@ -1,7 +1,8 @@
 """One training step of a tiny DFN3 on this rank's share of a fixed batch, for
 tests/test_distributed.py: run by every rank under mlx.launch (`python -m
-tests.distributed_worker BASE N OUT [gan]` writes OUT/rank<r>.safetensors) and, in one process,
-as the reference with the whole batch. Both build the same weights from the same seed."""
+tests.distributed_worker BASE N[,N...] OUT [gan]` writes OUT/rank<r>_<N>.safetensors, one step
+from the same start per batch size N) and, in one process, as the reference with the whole
+batch. Both build the same weights from the same seed."""
 
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def one_step(base: Path, n: int, gan: bool = False) -> Dict[str, mx.array]:
     model, _ = load_model(None, train.state)
     opt, losses = train.load_opt(None, model), train.setup_losses()
     batch = fixed_batch(n, train.state, p.nb_df)
-    local = batch.slice(np.asarray(distributed.local_share(np.arange(n))))
+    local = batch.local_share()
     model.train()
     out: Dict[str, mx.array] = {}
     if gan:
@@ -62,6 +63,7 @@ def one_step(base: Path, n: int, gan: bool = False) -> Dict[str, mx.array]:
 
 
 if __name__ == "__main__":
-    base, n, out_dir = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
-    arrays = one_step(base, n, gan=len(sys.argv) > 4 and sys.argv[4] == "gan")
-    mx.save_safetensors(str(out_dir / f"rank{distributed.rank()}.safetensors"), arrays)
+    base, sizes, out_dir = Path(sys.argv[1]), [int(n) for n in sys.argv[2].split(",")], Path(sys.argv[3])
+    for n in sizes:
+        arrays = one_step(base, n, gan=len(sys.argv) > 4 and sys.argv[4] == "gan")
+        mx.save_safetensors(str(out_dir / f"rank{distributed.rank()}_{n}.safetensors"), arrays)
