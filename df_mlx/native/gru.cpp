@@ -13,8 +13,8 @@ namespace {
 
 // out = GRU gates of one batch row, in the op order of df_mlx.layers._gru_gates:
 // r = sigma(x_r + g_r), z = sigma(x_z + g_z), n = tanh(x_n + r g_n), out = (h - n) z + n, with
-// g = W_hh h + b_hh. Vectorised loops; the AVX2/FMA clone is picked at load time.
-DFMLX_SIMD_CLONES void gru_gates(
+// g = W_hh h + b_hh. Vectorised loops (DFMLX_SIMD_VARIANTS).
+DFMLX_INLINE void gru_gates_body(
     const float* __restrict x, const float* __restrict hw, const float* __restrict b,
     const float* __restrict h, float* __restrict out, float* __restrict r, int size) {
   for (int i = 0; i < size; ++i) {
@@ -32,6 +32,11 @@ DFMLX_SIMD_CLONES void gru_gates(
     out[i] = (h[i] - n) * z + n;
   }
 }
+
+DFMLX_SIMD_VARIANTS(void, gru_gates,
+                    (const float* __restrict x, const float* __restrict hw, const float* __restrict b,
+                     const float* __restrict h, float* __restrict out, float* __restrict r, int size),
+                    (x, hw, b, h, out, r, size))
 
 void run_gru(const float* xp, const float* h0, const float* w, const float* b, float* out,
              float* h_last, int steps, int batch, int size, bool reverse) {

@@ -11,8 +11,8 @@ namespace dfmlx {
 namespace {
 
 // One step of one channel d: h[n] = exp(dt a[n]) h[n] + (dt b[n]) x; returns sum_n h[n] c[n].
-// The exp loop vectorises; the AVX2/FMA clone is picked at load time.
-DFMLX_SIMD_CLONES float scan_channel(
+// The exp loop vectorises (DFMLX_SIMD_VARIANTS).
+DFMLX_INLINE float scan_channel_body(
     float* __restrict h, const float* __restrict a, const float* __restrict b,
     const float* __restrict c, float dt, float x, int states) {
   for (int n = 0; n < states; ++n) {
@@ -24,6 +24,11 @@ DFMLX_SIMD_CLONES float scan_channel(
   }
   return y;
 }
+
+DFMLX_SIMD_VARIANTS(float, scan_channel,
+                    (float* __restrict h, const float* __restrict a, const float* __restrict b,
+                     const float* __restrict c, float dt, float x, int states),
+                    (h, a, b, c, dt, x, states))
 
 void run_scan(const float* x, const float* delta, const float* a, const float* b, const float* c,
               const float* h0, float* y, float* h, int batch, int length, int channels, int states) {
