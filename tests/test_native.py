@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # 1000 steps of a GRU(256) accumulate to 3.6e-7
 NATIVE_VS_PURE_TOL = 2e-6
 MATMUL_TOL = 1e-5  # one float32 sgemm against another: summation order over K = 7 (relative to the largest)
+# native vs pure depthwise conv: the same taps in the same order; the native op's FMAs round
+# each tap's multiply-add once instead of twice (relative to the largest output)
+DEPTHWISE_TOL = 1e-6
 SIGMOID_ULP = 3.0  # df_mlx/native/fastmath.h's stated bounds
 TANH_ULP = 2.0
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the native extension is built on Linux")
@@ -190,6 +193,73 @@ def test_the_gru_module_runs_the_native_op(monkeypatch):
     out, h_n = gru(mx.random.normal((2, 5, 8)))
     mx.eval(out, h_n)
     assert calls.count("gru_scan") == 4 and out.shape == (2, 5, 32)
+
+
+# (x shape, kernel, stride, padding, dilation): DFN3's strided frequency convs, DFNet4's and
+# Mamba's time convs, and odd geometries with padding wider than the kernel reaches
+DEPTHWISE_CASES = [((1, 40, 32, 16), (1, 3), (1, 2), (0, 1), (1, 1)), ((2, 30, 1, 8), (4, 1), (1, 1), (3, 0), (1, 1)),
+                   ((2, 9, 7, 5), (3, 2), (2, 1), (2, 1), (1, 2)), ((1, 6, 5, 3), (2, 2), (1, 3), (0, 2), (2, 1))]
+
+
+def _depthwise_case(shape, kernel, seed=2):
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal(shape).astype(np.float32))
+    w = mx.array(rng.standard_normal((shape[-1], *kernel, 1)).astype(np.float32))
+    return x, w
+
+
+def _close(got, want, tol):
+    scale = float(mx.abs(want).max()) or 1.0
+    assert got.shape == want.shape and float(mx.abs(got - want).max()) <= tol * scale
+
+
+@needs_native
+@pytest.mark.parametrize("shape, kernel, stride, padding, dilation", DEPTHWISE_CASES)
+def test_native_depthwise_conv_equals_the_mlx_ops_with_their_gradients(shape, kernel, stride, padding, dilation):
+    x, w = _depthwise_case(shape, kernel)
+    groups = shape[-1]
+    native = lambda x, w: layers.conv2d(x, w, stride, padding, dilation, groups)  # noqa: E731
+    pure = lambda x, w: layers._conv2d_mlx(x, w, stride, padding, dilation, groups)  # noqa: E731
+    _close(native(x, w), pure(x, w), DEPTHWISE_TOL)
+    _close(native(x, w), mx.conv2d(x, w, stride, padding, dilation, groups), DEPTHWISE_TOL)
+    loss = lambda f: lambda x, w: (f(x, w) * mx.arange(f(x, w).size).reshape(f(x, w).shape)).sum()  # noqa: E731
+    for got, want in zip(mx.grad(loss(native), argnums=(0, 1))(x, w), mx.grad(loss(pure), argnums=(0, 1))(x, w)):
+        _close(got, want, DEPTHWISE_TOL)
+
+
+@needs_native
+@pytest.mark.parametrize("shape, kernel, stride, padding, output_padding",
+                         [((1, 20, 8, 16), (1, 3), (1, 2), (0, 1), (0, 1)), ((2, 9, 7, 6), (3, 2), (2, 3), (1, 1), (1, 0)),
+                          ((1, 5, 4, 3), (2, 2), (1, 1), (0, 0), (0, 0))])
+def test_native_depthwise_conv_transpose_equals_the_mlx_ops_with_their_gradients(shape, kernel, stride, padding,
+                                                                                 output_padding):
+    x, w = _depthwise_case(shape, kernel)
+    args = (stride, padding, (1, 1), output_padding, shape[-1])
+    native = lambda x, w: layers.conv_transpose2d(x, w, *args)  # noqa: E731
+    pure = lambda x, w: layers._depthwise_conv_transpose2d_mlx(x, w, *args)  # noqa: E731
+    _close(native(x, w), pure(x, w), DEPTHWISE_TOL)
+    _close(native(x, w), mx.conv_transpose2d(x, w, *args), DEPTHWISE_TOL)
+    loss = lambda f: lambda x, w: (f(x, w) ** 2).sum()  # noqa: E731
+    for got, want in zip(mx.grad(loss(native), argnums=(0, 1))(x, w), mx.grad(loss(pure), argnums=(0, 1))(x, w)):
+        _close(got, want, DEPTHWISE_TOL)
+
+
+@needs_native
+def test_depthwise_conv_modules_run_the_native_op(monkeypatch):
+    calls = []
+    real = _native.module
+
+    class Counting:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(_native, "module", Counting())
+    x = mx.random.normal((1, 6, 8, 4))
+    mx.eval(layers.Conv2d(4, 4, (1, 3), padding=(0, 1), groups=4)(x),
+            layers.ConvTranspose2d(4, 4, (1, 3), stride=(1, 2), padding=(0, 1), output_padding=(0, 1), groups=4)(x),
+            layers.Conv2d(4, 8, (1, 3), groups=2)(x))  # grouped, not depthwise: MLX ops
+    assert calls.count("depthwise_conv2d") == 2
 
 
 def test_non_float32_inputs_take_the_pure_path():

@@ -1,10 +1,13 @@
-// df_mlx._kernels: the native recurrences (GRU, selective scan) and dense products as functions
-// on mx.array (nanobind, domain "mlx", so that mlx.core's array type is shared).
+// df_mlx._kernels: the native recurrences (GRU, selective scan), depthwise convolutions and
+// dense products as functions on mx.array (nanobind, domain "mlx", so that mlx.core's array
+// type is shared).
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/array.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include "blas.h"
+#include "depthwise_conv.h"
 #include "gru.h"
 #include "matmul.h"
 #include "selective_scan.h"
@@ -24,6 +27,9 @@ NB_MODULE(_kernels, m) {
   m.def("selective_scan", &dfmlx::selective_scan, nb::arg("x"), nb::arg("delta"), nb::arg("a"),
         nb::arg("b"), nb::arg("c"), nb::arg("h0"),
         "Mamba's selective scan over x, delta [B, L, D]: [y [B, L, D], h_L [B, D, N]]");
+  m.def("depthwise_conv2d", &dfmlx::depthwise_conv2d, nb::arg("x"), nb::arg("w"), nb::arg("geometry"),
+        "Depthwise conv of x [B, H, W, C] with taps-major w [kh kw, C]; geometry (kh, kw, sh, sw, "
+        "dh, dw, uh, uw, top, bottom, left, right): u input dilation, then padding");
   m.def("matmul", &dfmlx::matmul, nb::arg("a"), nb::arg("b"),
         "a [M, K] @ b [K, N] on the bound BLAS (float32, CPU)");
   m.def("bind_blas", &dfmlx::bind_blas, nb::arg("path"), nb::arg("prefix") = "",
