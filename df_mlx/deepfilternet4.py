@@ -29,7 +29,7 @@ import df_mlx.multiframe as MF
 from df_mlx.config import DfParams, config
 from df_mlx.interop import TorchModuleCalls
 from df_mlx.hybrid_encoder import HybridEncoder, MagnitudeEncoder
-from df_mlx.layers import pad_axis
+from df_mlx.layers import pad_axis, softmax
 from df_mlx.libdf import DF
 from df_mlx.mamba import SqueezedMamba
 from df_mlx.model import read_model_keys
@@ -177,13 +177,13 @@ class AdaptiveOrderPredictor(nn.Module):
         logits = self.predictor(emb)
         idx = mx.argmax(logits, axis=-1)
         if self.training:
-            weights = mx.softmax((logits + mx.random.gumbel(logits.shape)) / temperature, axis=-1)
+            weights = softmax((logits + mx.random.gumbel(logits.shape)) / temperature, axis=-1)
         else:
             weights = (idx[..., None] == mx.arange(self.num_orders)).astype(mx.float32)
         return weights, idx + self.min_order
 
     def get_order_distribution(self, emb: mx.array) -> mx.array:
-        return mx.softmax(self.predictor(emb), axis=-1)
+        return softmax(self.predictor(emb), axis=-1)
 
 
 class MultiResDfDecoder(nn.Module):

@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from df_mlx import deepfilternet3 as dfn3
-from df_mlx.layers import BatchNorm2d, linear
+from df_mlx.layers import BatchNorm2d, linear, softmax
 from df_mlx.mamba import Conv1d, Mamba
 from df_mlx.modules import Conv2dNormAct, GroupedLinearEinsum, Sequential, SqueezedGRU_S
 
@@ -65,7 +65,7 @@ class MultiheadAttention(nn.Module):
                    for i, x in enumerate((query, key, value)))
         bsz, tgt = q.shape[:2]
         q, k, v = (x.reshape(bsz, x.shape[1], h, d).transpose(0, 2, 1, 3) for x in (q, k, v))
-        weights = mx.softmax((q * math.sqrt(1.0 / d)) @ k.swapaxes(-1, -2), axis=-1)  # [B, h, L, S]
+        weights = softmax((q * math.sqrt(1.0 / d)) @ k.swapaxes(-1, -2), axis=-1)  # [B, h, L, S]
         if self.training and self.dropout > 0:
             keep = mx.random.bernoulli(1 - self.dropout, weights.shape)
             weights = mx.where(keep, weights / (1 - self.dropout), 0)

@@ -1,6 +1,6 @@
-// df_mlx._kernels: the native recurrences (GRU, selective scan), depthwise convolutions and
-// dense products as functions on mx.array (nanobind, domain "mlx", so that mlx.core's array
-// type is shared).
+// df_mlx._kernels: the native recurrences (GRU, selective scan), depthwise convolutions,
+// softmax and dense products as functions on mx.array (nanobind, domain "mlx", so that
+// mlx.core's array type is shared).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/string.h>
@@ -11,6 +11,7 @@
 #include "gru.h"
 #include "matmul.h"
 #include "selective_scan.h"
+#include "softmax.h"
 
 namespace nb = nanobind;
 
@@ -32,6 +33,7 @@ NB_MODULE(_kernels, m) {
         "dh, dw, uh, uw, top, bottom, left, right): u input dilation, then padding");
   m.def("matmul", &dfmlx::matmul, nb::arg("a"), nb::arg("b"),
         "a [M, K] @ b [K, N] on the bound BLAS (float32, CPU)");
+  m.def("softmax", &dfmlx::softmax, nb::arg("x"), "Softmax over the last axis (float32, CPU)");
   m.def("bind_blas", &dfmlx::bind_blas, nb::arg("path"), nb::arg("prefix") = "",
         "Bind {prefix}cblas_sgemv/sgemm from a shared library; returns '' or why not");
   m.def("blas_library", &dfmlx::blas_library, "The file the bound sgemv comes from");
