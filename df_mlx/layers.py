@@ -19,13 +19,16 @@ from df_mlx import _native, distributed
 
 
 def matmul(a: mx.array, b: mx.array) -> mx.array:
-    """a [..., K] @ b [..., K, N]. Where MLX's own matmuls are left on the Linux wheel's
-    reference BLAS (df_mlx._native.products: mlx.core imported before df_mlx), products with a
-    2-D b run on the native op's BLAS instead, so the speed does not depend on import order;
-    its gradient is MLX's matmul's."""
-    if _native.products and b.ndim == 2 and a.ndim >= 1 and a.size and b.size and _native.usable(a, b):
-        y = _native_matmul(a.reshape(-1, a.shape[-1]), b)
-        return y.reshape(*a.shape[:-1], b.shape[1])
+    """a [..., K] @ b [K, N], or batched a [G, M, K] @ b [G, K, N]. Where MLX's own matmuls are
+    left on the Linux wheel's reference BLAS (df_mlx._native.products: mlx.core imported before
+    df_mlx), these run on the native op's BLAS instead, so the speed does not depend on import
+    order; the gradient is MLX's matmul's."""
+    if _native.products and a.size and b.size and _native.usable(a, b):
+        if b.ndim == 2 and a.ndim >= 1:
+            y = _native_matmul(a.reshape(-1, a.shape[-1]), b)
+            return y.reshape(*a.shape[:-1], b.shape[1])
+        if b.ndim == 3 and a.ndim == 3 and a.shape[0] == b.shape[0]:
+            return _native_matmul(a, b)
     return a @ b
 
 
@@ -37,7 +40,7 @@ def _native_matmul(a: mx.array, b: mx.array) -> mx.array:
 @_native_matmul.vjp
 def _native_matmul_vjp(primals, cotangent, _output):
     a, b = primals
-    return cotangent @ b.T, a.T @ cotangent
+    return cotangent @ b.swapaxes(-1, -2), a.swapaxes(-1, -2) @ cotangent
 
 
 def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:

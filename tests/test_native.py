@@ -84,11 +84,12 @@ def test_model_products_leave_the_reference_blas_whatever_the_import_order(df_ml
 
 
 @needs_native
-@pytest.mark.parametrize("shape", [(7,), (5, 7), (2, 3, 5, 7)])
-def test_native_matmul_equals_mlx_and_has_its_gradient(monkeypatch, shape):
+@pytest.mark.parametrize("shape, b_shape", [((7,), (7, 4)), ((5, 7), (7, 4)), ((2, 3, 5, 7), (7, 4)),
+                                            ((3, 5, 7), (3, 7, 4))], ids=["vector", "matrix", "4-D", "batched"])
+def test_native_matmul_equals_mlx_and_has_its_gradient(monkeypatch, shape, b_shape):
     monkeypatch.setattr(_native, "products", True)
     rng = np.random.default_rng(0)
-    a, b = mx.array(rng.normal(size=shape).astype(np.float32)), mx.array(rng.normal(size=(7, 4)).astype(np.float32))
+    a, b = mx.array(rng.normal(size=shape).astype(np.float32)), mx.array(rng.normal(size=b_shape).astype(np.float32))
     got = layers.matmul(a, b)
     assert got.shape == (a @ b).shape
     assert mx.abs(got - a @ b).max().item() < MATMUL_TOL

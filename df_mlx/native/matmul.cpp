@@ -6,19 +6,28 @@
 namespace dfmlx {
 
 mx::array matmul(const mx::array& a, const mx::array& b) {
-  require(a.ndim() == 2 && b.ndim() == 2, "matmul", "expects a [M, K] and b [K, N]");
-  require(a.shape(1) == b.shape(0), "matmul", "inner sizes do not match");
+  require((a.ndim() == 2 && b.ndim() == 2) || (a.ndim() == 3 && b.ndim() == 3 && a.shape(0) == b.shape(0)),
+          "matmul", "expects a [M, K] and b [K, N], or a [G, M, K] and b [G, K, N]");
+  require(a.shape(-1) == b.shape(-2), "matmul", "inner sizes do not match");
   require(a.size() > 0 && b.size() > 0, "matmul", "empty operands");
   auto stream = cpu_stream("matmul", {a, b});
-  return mx::array({a.shape(0), b.shape(1)}, mx::float32, std::make_shared<Matmul>(stream),
-                   dense_inputs({a, b}, stream));
+  auto shape = a.shape();
+  shape.back() = b.shape(-1);
+  return mx::array(shape, mx::float32, std::make_shared<Matmul>(stream), dense_inputs({a, b}, stream));
 }
 
 void Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  const int m = inputs[0].shape(0), k = inputs[0].shape(1), n = inputs[1].shape(1);
+  const auto& a_in = inputs[0];
+  const int batch = a_in.ndim() == 3 ? a_in.shape(0) : 1;
+  const int m = a_in.shape(-2), k = a_in.shape(-1), n = inputs[1].shape(-1);
   queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [a = inputs[0].data<float>(), b = inputs[1].data<float>(), c = outputs[0].data<float>(), m,
-            k, n]() { blas().sgemm(kRowMajor, kNoTrans, kNoTrans, m, n, k, 1.0f, a, k, b, n, 0.0f, c, n); };
+    return [a = a_in.data<float>(), b = inputs[1].data<float>(), c = outputs[0].data<float>(), batch, m,
+            k, n]() {
+      for (int g = 0; g < batch; ++g) {
+        blas().sgemm(kRowMajor, kNoTrans, kNoTrans, m, n, k, 1.0f, a + static_cast<size_t>(g) * m * k, k,
+                     b + static_cast<size_t>(g) * k * n, n, 0.0f, c + static_cast<size_t>(g) * m * n, n);
+      }
+    };
   });
 }
 
@@ -31,7 +40,9 @@ bool Matmul::is_equivalent(const mx::Primitive& other) const {
 }
 
 std::vector<mx::Shape> Matmul::output_shapes(const std::vector<mx::array>& inputs) {
-  return {{inputs[0].shape(0), inputs[1].shape(1)}};
+  auto shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(-1);
+  return {shape};
 }
 
 }  // namespace dfmlx

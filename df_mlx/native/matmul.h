@@ -11,7 +11,8 @@ namespace dfmlx {
 
 namespace mx = mlx::core;
 
-// a [M, K] @ b [K, N] -> [M, N], float32 on a CPU stream.
+// a [M, K] @ b [K, N] -> [M, N], or batched: a [G, M, K] @ b [G, K, N] -> [G, M, N]; float32 on a
+// CPU stream.
 mx::array matmul(const mx::array& a, const mx::array& b);
 
 class Matmul : public mx::Primitive {

@@ -32,7 +32,7 @@ NB_MODULE(_kernels, m) {
         "Depthwise conv of x [B, H, W, C] with taps-major w [kh kw, C]; geometry (kh, kw, sh, sw, "
         "dh, dw, uh, uw, top, bottom, left, right): u input dilation, then padding");
   m.def("matmul", &dfmlx::matmul, nb::arg("a"), nb::arg("b"),
-        "a [M, K] @ b [K, N] on the bound BLAS (float32, CPU)");
+        "a [M, K] @ b [K, N], or a [G, M, K] @ b [G, K, N], on the bound BLAS (float32, CPU)");
   m.def("softmax", &dfmlx::softmax, nb::arg("x"), "Softmax over the last axis (float32, CPU)");
   m.def("bind_blas", &dfmlx::bind_blas, nb::arg("path"), nb::arg("prefix") = "",
         "Bind {prefix}cblas_sgemv/sgemm from a shared library; returns '' or why not");
