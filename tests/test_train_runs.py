@@ -131,6 +131,26 @@ def test_interrupt_check_raises_after_sigint():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_signal_watchdogs_share_the_wakeup_fd():
+    """Another watchdog (distributed's SIGTERM one; SIGUSR1 here) registered before Ctrl-C's is
+    woken during handle_sigint and after it; the last removal restores the wakeup fd."""
+    woken = threading.Event()
+    previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    fd_before = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(fd_before)
+    try:
+        remove = interrupt.on_signal(signal.SIGUSR1, woken.set)
+        with interrupt.handle_sigint(lambda where: where):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert woken.wait(10)
+        woken.clear()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert woken.wait(10)
+        remove()
+        assert signal.set_wakeup_fd(fd_before) == fd_before
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
 def _read_lines(proc, lines: list):
     for line in proc.stdout:
         lines.append(line)
