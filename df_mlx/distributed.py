@@ -33,6 +33,8 @@ import mlx.nn as nn
 import numpy as np
 from loguru import logger
 
+from df_mlx import interrupt
+
 TIMEOUT_ENV = "DFMLX_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0  # longest a training step may wait for the other ranks
 SIGTERM_GRACE_S = 10.0  # after the launcher's SIGTERM, the rank unwinds for this long, then exits
@@ -379,25 +381,11 @@ def _install_failure_handlers():
         signal.signal(signal.SIGTERM, _on_sigterm)
         # Python runs the handler only between bytecodes: a main thread blocked in MLX would
         # never see it, so a thread woken by the signal itself exits after a grace period.
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=_exit_after_sigterm, args=(read_fd, previous_fd), daemon=True,
-                         name="dfmlx-sigterm").start()
+        interrupt.on_signal(signal.SIGTERM, _exit_after_sigterm)
 
 
-def _exit_after_sigterm(read_fd: int, previous_fd: int):
-    """Wait for SIGTERM, passing every signal on to the wakeup fd installed before (another
-    watchdog's), then give the main thread SIGTERM_GRACE_S to unwind before exiting."""
-    while True:
-        data = os.read(read_fd, 64)
-        if previous_fd >= 0:
-            try:
-                os.write(previous_fd, data)
-            except OSError:  # that watchdog is gone (its pipe closed) or its pipe is full
-                pass
-        if signal.SIGTERM in data:
-            break
+def _exit_after_sigterm():
+    """Give the main thread SIGTERM_GRACE_S to unwind, then exit."""
     time.sleep(SIGTERM_GRACE_S)
     _stop(f"stopped by the launcher because another rank exited; {RESUME_HINT}", 128 + signal.SIGTERM)
 
