@@ -202,8 +202,11 @@ def test_catches_missing_linear_shuffle():
 
 
 def test_catches_wrong_group_weights(monkeypatch):
-    einsum = mx.einsum
+    """Each group multiplied by another group's weight, on either path (einsum, or the batched
+    product where MLX's matmuls are on the reference BLAS)."""
+    einsum, matmul = mx.einsum, ours.matmul
     monkeypatch.setattr(ours.mx, "einsum", lambda spec, x, w: einsum(spec, x, w[::-1]))
+    monkeypatch.setattr(ours, "matmul", lambda x, w: matmul(x, w[::-1]))
     args = dict(input_size=16, hidden_size=32, groups=4)
     assert {"output", "grad.input", "grad.weight"} <= _report_with("GroupedLinearEinsum", args, lambda m: None)
 

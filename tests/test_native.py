@@ -127,13 +127,14 @@ def _case(steps=40, batch=3, size=32, seed=0):
     return [mx.array(a.astype(np.float32)) for a in (xp, h0, w, b)]
 
 
-
-
 @needs_native
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_native_gru_equals_the_pure_scan(batch, reverse):
-    args = _case(batch=batch)
+# batch 1: native/gemv.h on the weight copied aligned (40 steps) or read in place (3 steps), and
+# the BLAS's sgemv where the hidden size is no multiple of 16
+@pytest.mark.parametrize("steps, size", [(40, 32), (3, 32), (40, 24)], ids=["aligned", "in-place", "blas"])
+def test_native_gru_equals_the_pure_scan(batch, reverse, steps, size):
+    args = _case(steps=steps, batch=batch, size=size)
     out, h_n = layers._native_gru_scan(reverse)(*args)
     ref_out, ref_h = layers._pure_gru_scan(*args, reverse)
     assert out.shape == ref_out.shape and h_n.shape == ref_h.shape

@@ -1,11 +1,14 @@
 #include "gru.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <string>
 
 #include "blas.h"
 #include "cpu_task.h"
 #include "fastmath.h"
+#include "gemv.h"
 
 namespace dfmlx {
 
@@ -38,16 +41,44 @@ DFMLX_SIMD_VARIANTS(void, gru_gates,
                      const float* __restrict h, float* __restrict out, float* __restrict r, int size),
                     (x, hw, b, h, out, r, size))
 
+// A 64-byte aligned float buffer: MLX's arrays are 16-byte aligned, and gemv's loads of an
+// unaligned weight straddle cache lines (measured 10.5 against 4.7 us per GRU(256) step).
+struct AlignedFloats {
+  explicit AlignedFloats(size_t n)
+      : data(n ? static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64)) : nullptr) {
+    if (n && data == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedFloats() { std::free(data); }
+  AlignedFloats(const AlignedFloats&) = delete;
+  AlignedFloats& operator=(const AlignedFloats&) = delete;
+  float* data;
+};
+
+// Steps from which the weight is copied to an aligned buffer first (0.75 MB for GRU(256),
+// about one step's time); a streaming hop of one step reads it where it is.
+constexpr int kAlignFromSteps = 8;
+
 void run_gru(const float* xp, const float* h0, const float* w, const float* b, float* out,
              float* h_last, int steps, int batch, int size, bool reverse) {
   const int gates = 3 * size;
   std::vector<float> hw(static_cast<size_t>(batch) * gates);
   std::vector<float> r(size);
   const Blas& lib = blas();
+  const bool own_gemv = batch == 1 && gemv_supported(gates, size);
+  const size_t w_size = static_cast<size_t>(gates) * size;
+  AlignedFloats w_aligned(own_gemv && steps >= kAlignFromSteps ? w_size : 0);
+  AlignedFloats h_aligned(own_gemv ? size : 0);
+  if (own_gemv && steps >= kAlignFromSteps) {
+    std::copy(w, w + w_size, w_aligned.data);
+    w = w_aligned.data;
+  }
   const float* h = h0;
   for (int s = 0; s < steps; ++s) {
     const int t = reverse ? steps - 1 - s : s;
-    if (batch == 1) {
+    if (own_gemv) {
+      std::copy(h, h + size, h_aligned.data);
+      gemv(w, h_aligned.data, hw.data(), gates, size);
+    } else if (batch == 1) {
       lib.sgemv(kRowMajor, kNoTrans, gates, size, 1.0f, w, size, h, 1, 0.0f, hw.data(), 1);
     } else {
       lib.sgemm(kRowMajor, kNoTrans, kTrans, batch, gates, size, 1.0f, h, size, w, size, 0.0f,
