@@ -53,7 +53,7 @@ def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
     """`mx.softmax`; over the last axis on the native primitive where it can run: MLX's CPU
-    exp is scalar, about 25x slower (DFNet4's attention). The gradient is the analytic one,
+    exp is scalar, so mx.softmax is about 7x slower (DFNet4's attention). The gradient is the analytic one,
     y (g - sum(g y)), as mx.softmax's."""
     if axis in (-1, x.ndim - 1) and x.size and _native.usable(x):
         return _native_softmax(x)
@@ -286,12 +286,11 @@ _MAX_DENSE_GROUPS = 4
 
 def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> mx.array:
     """`mx.conv2d` semantics (NHWC, weight [O, kH, kW, I/groups]) for DeepFilterNet's small
-    kernels. Depthwise ones run on the native primitive where it can (df_mlx._native), 3-8x
+    kernels. Depthwise ones run on the native primitive where it can (df_mlx._native), 3-5x
     faster than the MLX ops of `_conv2d_mlx`, which also give its gradient."""
-    out_ch, kh, kw, in_per_group = w.shape
+    _, kh, kw, _ = w.shape
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    depthwise = groups == x.shape[-1] == out_ch and in_per_group == 1
-    if depthwise and kh * kw <= _MAX_SHIFTED_TAPS and _native.usable(x, w):
+    if _depthwise(x, w, groups) and kh * kw <= _MAX_SHIFTED_TAPS and _native.usable(x, w):
         return _native_depthwise_conv2d(stride, padding, dilation, groups)(x, w)
     return _conv2d_mlx(x, w, stride, padding, dilation, groups)
 
@@ -299,7 +298,7 @@ def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1,
 @functools.lru_cache(maxsize=None)
 def _native_depthwise_conv2d(stride, padding, dilation, groups: int):
     """The native depthwise conv for one geometry, with `_conv2d_mlx`'s gradient."""
-    (ph, pw) = padding
+    ph, pw = padding
     return _native_depthwise(lambda kh, kw: (kh, kw, *stride, *dilation, 1, 1, ph, ph, pw, pw),
                              lambda x, w: _conv2d_mlx(x, w, stride, padding, dilation, groups), flip=False)
 
@@ -328,7 +327,7 @@ def _conv2d_mlx(x: mx.array, w: mx.array, stride, padding, dilation, groups: int
     Grouped long kernels (the scale discriminator's 41 taps) run as one batched matmul over
     groups."""
     out_ch, kh, kw, in_per_group = w.shape
-    depthwise = groups == x.shape[-1] == out_ch and in_per_group == 1
+    depthwise = _depthwise(x, w, groups)
     if kh * kw > _MAX_SHIFTED_TAPS and (groups == 1 or depthwise):
         return mx.conv2d(x, w, stride, padding, dilation, groups)
     x = mx.pad(x, [(0, 0), (padding[0], padding[0]), (padding[1], padding[1]), (0, 0)]) if any(padding) else x
@@ -423,10 +422,9 @@ def conv_transpose2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), di
     (DeepFilterNet's frequency upsampling) run on the native depthwise primitive with its
     inputs spread apart where it can, else as zero insertion plus the depthwise `conv2d` with
     the flipped kernel: both faster than MLX's CPU kernel (5x for the latter)."""
-    out_ch, kh, kw, in_per_group = w.shape
+    _, kh, kw, _ = w.shape
     stride, padding, dilation, output_padding = map(_pair, (stride, padding, dilation, output_padding))
-    pads = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
-    if not (groups == x.shape[-1] == out_ch and in_per_group == 1) or min(pads) < 0:
+    if not _depthwise(x, w, groups) or min(_transposed_pads((kh, kw), padding, dilation)) < 0:
         return mx.conv_transpose2d(x, w, stride, padding, dilation, output_padding, groups)
     if kh * kw <= _MAX_SHIFTED_TAPS and _native.usable(x, w):
         return _native_depthwise_conv_transpose2d(stride, padding, dilation, output_padding, groups)(x, w)
@@ -438,7 +436,7 @@ def _native_depthwise_conv_transpose2d(stride, padding, dilation, output_padding
     """The native depthwise transposed conv for one geometry, with the MLX ops' gradient."""
 
     def geometry(kh, kw):
-        top, left = (d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding))
+        top, left = _transposed_pads((kh, kw), padding, dilation)
         return (kh, kw, 1, 1, *dilation, *stride, top, top + output_padding[0], left, left + output_padding[1])
 
     return _native_depthwise(geometry, lambda x, w: _depthwise_conv_transpose2d_mlx(
@@ -447,13 +445,24 @@ def _native_depthwise_conv_transpose2d(stride, padding, dilation, output_padding
 
 def _depthwise_conv_transpose2d_mlx(x, w, stride, padding, dilation, output_padding, groups: int) -> mx.array:
     """A depthwise transposed conv as zero insertion, padding and `_conv2d_mlx`."""
-    _, kh, kw, _ = w.shape
-    pads = [d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding)]
+    pads = _transposed_pads(w.shape[1:3], padding, dilation)
     for axis, s in ((1, stride[0]), (2, stride[1])):
         if s > 1:
             x = _insert_zeros(x, axis, s)
     x = mx.pad(x, [(0, 0), (pads[0], pads[0] + output_padding[0]), (pads[1], pads[1] + output_padding[1]), (0, 0)])
     return _conv2d_mlx(x, w[:, ::-1, ::-1, :], (1, 1), (0, 0), dilation, groups)
+
+
+def _depthwise(x: mx.array, w: mx.array, groups: int) -> bool:
+    """One input and one output channel a group: weight [C, kH, kW, 1] on [..., C]."""
+    out_ch, _, _, in_per_group = w.shape
+    return groups == x.shape[-1] == out_ch and in_per_group == 1
+
+
+def _transposed_pads(kernel, padding, dilation) -> list:
+    """The padding of the zero-spread input that turns a transposed conv with this (kH, kW)
+    kernel into a plain one (negative: MLX's kernel has to crop)."""
+    return [d * (k - 1) - p for d, k, p in zip(dilation, kernel, padding)]
 
 
 def _insert_zeros(x: mx.array, axis: int, stride: int) -> mx.array:

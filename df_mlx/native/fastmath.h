@@ -24,17 +24,24 @@ namespace dfmlx {
 // Each variant does the same operations per element (the AVX variants contract a * b + c into
 // FMAs), so the AVX-512 and AVX2 results are identical.
 #if defined(__x86_64__) && defined(__GNUC__)
+enum class SimdLevel { kAvx512, kAvx2, kBaseline };
+
+// The widest instruction set this CPU has of those the variants are built for.
+inline SimdLevel simd_level() {
+  if (__builtin_cpu_supports("avx512f")) return SimdLevel::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdLevel::kAvx2;
+  return SimdLevel::kBaseline;
+}
+
 #define DFMLX_SIMD_VARIANTS(ret, name, params, args)                                              \
   __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,prefer-vector-width=512")))  \
   static ret name##_avx512 params { return name##_body args; }                                    \
   __attribute__((target("avx2,fma"))) static ret name##_avx2 params { return name##_body args; } \
   static ret name##_baseline params { return name##_body args; }                                  \
   ret name params {                                                                              \
-    static ret(*const variant) params = __builtin_cpu_supports("avx512f")  ? name##_avx512        \
-                                        : __builtin_cpu_supports("avx2") &&                        \
-                                                  __builtin_cpu_supports("fma")                  \
-                                            ? name##_avx2                                        \
-                                            : name##_baseline;                                   \
+    static ret(*const variant) params = simd_level() == SimdLevel::kAvx512 ? name##_avx512        \
+                                        : simd_level() == SimdLevel::kAvx2 ? name##_avx2          \
+                                                                           : name##_baseline;    \
     return variant args;                                                                         \
   }
 #else

@@ -1,5 +1,7 @@
 #include "gemv.h"
 
+#include "fastmath.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define DFMLX_AVX512 __attribute__((target("avx512f,avx2,fma")))
@@ -63,13 +65,9 @@ DFMLX_AVX2 void gemv_avx2(const float* w, const float* h, float* y, int rows, in
 
 using Kernel = void (*)(const float*, const float*, float*, int, int);
 
-Kernel pick() {
-  if (__builtin_cpu_supports("avx512f")) return gemv_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return gemv_avx2;
-  return nullptr;
-}
-
-const Kernel kernel = pick();
+const Kernel kernel = simd_level() == SimdLevel::kAvx512 ? gemv_avx512
+                      : simd_level() == SimdLevel::kAvx2  ? gemv_avx2
+                                                          : nullptr;
 
 #else
 

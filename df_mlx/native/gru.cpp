@@ -65,10 +65,11 @@ void run_gru(const float* xp, const float* h0, const float* w, const float* b, f
   std::vector<float> r(size);
   const Blas& lib = blas();
   const bool own_gemv = batch == 1 && gemv_supported(gates, size);
+  const bool align_weight = own_gemv && steps >= kAlignFromSteps;
   const size_t w_size = static_cast<size_t>(gates) * size;
-  AlignedFloats w_aligned(own_gemv && steps >= kAlignFromSteps ? w_size : 0);
+  AlignedFloats w_aligned(align_weight ? w_size : 0);
   AlignedFloats h_aligned(own_gemv ? size : 0);
-  if (own_gemv && steps >= kAlignFromSteps) {
+  if (align_weight) {
     std::copy(w, w + w_size, w_aligned.data);
     w = w_aligned.data;
   }
