@@ -1,13 +1,15 @@
-// df_mlx._kernels: the native recurrences (GRU, selective scan), depthwise convolutions,
-// softmax and dense products as functions on mx.array (nanobind, domain "mlx", so that
-// mlx.core's array type is shared).
+// df_mlx._kernels: the native recurrences (GRU, selective scan), depthwise and grouped
+// convolutions, tanh, sigmoid, softmax and dense products as functions on mx.array (nanobind,
+// domain "mlx", so that mlx.core's array type is shared).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include "activation.h"
 #include "blas.h"
 #include "depthwise_conv.h"
+#include "grouped_conv.h"
 #include "gru.h"
 #include "matmul.h"
 #include "selective_scan.h"
@@ -31,8 +33,14 @@ NB_MODULE(_kernels, m) {
   m.def("depthwise_conv2d", &dfmlx::depthwise_conv2d, nb::arg("x"), nb::arg("w"), nb::arg("geometry"),
         "Depthwise conv of x [B, H, W, C] with taps-major w [kh kw, C]; geometry (kh, kw, sh, sw, "
         "dh, dw, uh, uw, top, bottom, left, right): u input dilation, then padding");
+  m.def("grouped_conv2d", &dfmlx::grouped_conv2d, nb::arg("x"), nb::arg("w"), nb::arg("geometry"),
+        nb::arg("groups"),
+        "Grouped conv of x [B, H, W, C] with w [O, kh, kw, C/groups]; geometry (kh, kw, sh, sw, dh, "
+        "dw, top, bottom, left, right)");
   m.def("matmul", &dfmlx::matmul, nb::arg("a"), nb::arg("b"),
         "a [M, K] @ b [K, N], or a [G, M, K] @ b [G, K, N], on the bound BLAS (float32, CPU)");
+  m.def("activation", &dfmlx::activation, nb::arg("x"), nb::arg("kind"),
+        "tanh (kind 0) or sigmoid (kind 1) elementwise (float32, CPU)");
   m.def("softmax", &dfmlx::softmax, nb::arg("x"), "Softmax over the last axis (float32, CPU)");
   m.def("bind_blas", &dfmlx::bind_blas, nb::arg("path"), nb::arg("prefix") = "",
         "Bind {prefix}cblas_sgemv/sgemm from a shared library; returns '' or why not");
