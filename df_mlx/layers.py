@@ -6,6 +6,7 @@ and store their weights in MLX's layout; `TORCH_LAYOUT` tells the converters how
 torch's, so a converter needs no per-model code.
 """
 
+import contextlib
 import functools
 import math
 import numbers
@@ -272,8 +273,9 @@ class Conv2d(nn.Module):
         if bias:
             self.bias = _uniform((out_channels,), fan_in)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        y = conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
+    def __call__(self, x: mx.array, time_pad=(0, 0)) -> mx.array:
+        """time_pad: zero rows (top, bottom) that a preceding ConstantPad2d would add."""
+        y = conv2d(x, self.weight, self.stride, self.padding, self.dilation, self.groups, time_pad)
         return y + self.bias if "bias" in self else y
 
 
@@ -284,23 +286,60 @@ _MAX_SHIFTED_TAPS = 16
 _MAX_DENSE_GROUPS = 4
 
 
-def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1) -> mx.array:
+def conv2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+           time_pad=(0, 0)) -> mx.array:
     """`mx.conv2d` semantics (NHWC, weight [O, kH, kW, I/groups]) for DeepFilterNet's small
-    kernels. Depthwise ones run on the native primitive where it can (df_mlx._native), 3-5x
-    faster than the MLX ops of `_conv2d_mlx`, which also give its gradient."""
+    kernels, after `time_pad` (top, bottom) zero rows, which the native ops add without a padded
+    copy. Small kernels run on the native primitives where they can (df_mlx._native): depthwise
+    ones 3-5x faster than the MLX ops of `_conv2d_mlx`, which also give their gradient, grouped
+    ones without a block-diagonal weight or a copy per tap (native/grouped_conv.h). Ungrouped
+    1x1 convs stay one BLAS matmul."""
     _, kh, kw, _ = w.shape
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if _depthwise(x, w, groups) and kh * kw <= _MAX_SHIFTED_TAPS and _native.usable(x, w):
-        return _native_depthwise_conv2d(stride, padding, dilation, groups)(x, w)
-    return _conv2d_mlx(x, w, stride, padding, dilation, groups)
+    stride, padding, dilation, time_pad = _pair(stride), _pair(padding), _pair(dilation), tuple(time_pad)
+    if kh * kw <= _MAX_SHIFTED_TAPS and not (kh * kw == 1 and groups == 1) and _native.usable(x, w):
+        native = _native_depthwise_conv2d if _depthwise(x, w, groups) else _native_grouped_conv2d
+        return native(stride, padding, dilation, groups, time_pad)(x, w)
+    return _conv2d_mlx(pad_axis(x, 1, *time_pad), w, stride, padding, dilation, groups)
+
+
+def _conv_geometry(kh: int, kw: int, stride, padding, dilation, time_pad) -> tuple:
+    """(kh, kw, sh, sw, dh, dw, top, bottom, left, right) of a conv after time_pad rows."""
+    (ph, pw), (top, bottom) = padding, time_pad
+    return (kh, kw, *stride, *dilation, ph + top, ph + bottom, pw, pw)
+
+
+def _padded_conv2d_mlx(stride, padding, dilation, groups: int, time_pad):
+    """`conv2d` in MLX ops for one geometry: the native convs' gradient."""
+    return lambda x, w: _conv2d_mlx(pad_axis(x, 1, *time_pad), w, stride, padding, dilation, groups)
 
 
 @functools.lru_cache(maxsize=None)
-def _native_depthwise_conv2d(stride, padding, dilation, groups: int):
+def _native_depthwise_conv2d(stride, padding, dilation, groups: int, time_pad=(0, 0)):
     """The native depthwise conv for one geometry, with `_conv2d_mlx`'s gradient."""
-    ph, pw = padding
-    return _native_depthwise(lambda kh, kw: (kh, kw, *stride, *dilation, 1, 1, ph, ph, pw, pw),
-                             lambda x, w: _conv2d_mlx(x, w, stride, padding, dilation, groups), flip=False)
+
+    def geometry(kh, kw):
+        kh, kw, sh, sw, dh, dw, *pads = _conv_geometry(kh, kw, stride, padding, dilation, time_pad)
+        return (kh, kw, sh, sw, dh, dw, 1, 1, *pads)
+
+    return _native_depthwise(geometry, _padded_conv2d_mlx(stride, padding, dilation, groups, time_pad), flip=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_grouped_conv2d(stride, padding, dilation, groups: int, time_pad=(0, 0)):
+    """The native grouped conv for one geometry, with `_conv2d_mlx`'s gradient."""
+    pure = _padded_conv2d_mlx(stride, padding, dilation, groups, time_pad)
+
+    @mx.custom_function
+    def conv(x, w):
+        _, kh, kw, _ = w.shape
+        return _native.module.grouped_conv2d(x, w, _conv_geometry(kh, kw, stride, padding, dilation, time_pad),
+                                             groups)
+
+    @conv.vjp
+    def conv_vjp(primals, cotangent, _output):
+        return tuple(mx.vjp(pure, list(primals), [cotangent])[1])
+
+    return conv
 
 
 def _native_depthwise(geometry, pure, flip: bool):
@@ -538,6 +577,23 @@ def _normalize(x: mx.array, mean: mx.array, scale: mx.array, bias: mx.array) -> 
     return (x - mean) * scale + bias
 
 
+# Whether a block may fold one layer into the next (a zero time pad into its conv), computing
+# the block's output without the intermediate one; off inside `layer_by_layer()`.
+_fold_layers = True
+
+
+@contextlib.contextmanager
+def layer_by_layer():
+    """Run every layer by itself, so each one's own output exists (the parity tracer compares
+    them one by one); the folded path gives the same block outputs (tests/test_native.py)."""
+    global _fold_layers
+    before, _fold_layers = _fold_layers, False
+    try:
+        yield
+    finally:
+        _fold_layers = before
+
+
 class ConstantPad2d(nn.Module):
     """`torch.nn.ConstantPad2d((left, right, top, bottom))` on NHWC: left/right pad W (F),
     top/bottom pad H (T). Negative padding crops, as in torch."""
@@ -547,6 +603,14 @@ class ConstantPad2d(nn.Module):
     def __init__(self, padding: Tuple[int, int, int, int], value: float = 0.0):
         super().__init__()
         self.padding, self.value = tuple(padding), value
+
+    def foldable_time_pad(self) -> Optional[Tuple[int, int]]:
+        """(top, bottom) when this pad only adds zero rows that the next conv can add itself
+        (Conv2d's time_pad): offline, with layer folding on (`layer_by_layer` turns it off)."""
+        left, right, top, bottom = self.padding
+        if not _fold_layers or getattr(self, "stream", None) is not None:
+            return None
+        return (top, bottom) if self.value == 0 and left == right == 0 and top >= 0 and bottom >= 0 else None
 
     def __call__(self, x: mx.array) -> mx.array:
         left, right, top, bottom = self.padding

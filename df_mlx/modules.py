@@ -125,6 +125,17 @@ class Conv2dNormAct(Sequential):
             layers.append(Conv2d(out_ch, out_ch, kernel_size=1, bias=False))
         super().__init__(*_norm_act(layers, out_ch, norm_layer, activation_layer))
 
+    def __call__(self, x):
+        """The causal time pad is folded into the conv where it can be (no padded copy of x)."""
+        first = self[0]
+        time_pad = first.foldable_time_pad() if isinstance(first, ConstantPad2d) else None
+        if time_pad is None:
+            return super().__call__(x)
+        x = self[1](x, time_pad=time_pad)
+        for name in self._order[2:]:
+            x = self[name](x)
+        return x
+
 
 class ConvTranspose2dNormAct(Sequential):
     """Causal ConvTranspose2d (frequency upsampling by `fstride`) + norm + activation,

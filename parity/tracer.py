@@ -131,7 +131,11 @@ def trace_mlx(model, include: Optional[Callable[[str], bool]] = None) -> Iterato
 
     Python looks `__call__` up on the type, so each traced instance temporarily gets a
     one-off subclass whose `__call__` records the output; the original class is restored.
+    Blocks run layer by layer meanwhile (df_mlx.layers.layer_by_layer), so that every layer
+    computes its own output.
     """
+    from df_mlx.layers import layer_by_layer
+
     trace: "OrderedDict[str, object]" = OrderedDict()
     patched = []
     modules = dict(_named_modules_in_order(model))
@@ -151,7 +155,8 @@ def trace_mlx(model, include: Optional[Callable[[str], bool]] = None) -> Iterato
         module.__class__ = type(cls.__name__, (cls,), {"__call__": call})
         patched.append((module, cls))
     try:
-        yield trace
+        with layer_by_layer():
+            yield trace
     finally:
         for module, cls in patched:
             module.__class__ = cls

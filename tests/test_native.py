@@ -22,6 +22,9 @@ MATMUL_TOL = 1e-5  # one float32 sgemm against another: summation order over K =
 # native vs pure depthwise conv: the same taps in the same order; the native op's FMAs round
 # each tap's multiply-add once instead of twice (relative to the largest output)
 DEPTHWISE_TOL = 1e-6
+# float32 sums of up to a few hundred products (taps x channels per group) in another order,
+# relative to the largest output
+GROUPED_TOL = 1e-6
 # softmax against float64: exp within 1 ulp, the sum and the division (measured 4.6e-7 on
 # [1, 8, 500, 500] logits of scale 5; torch 4.4e-7, mx.softmax 2.7e-6)
 SOFTMAX_TOL = 1e-6
@@ -256,13 +259,72 @@ def test_native_depthwise_conv_transpose_equals_the_mlx_ops_with_their_gradients
         _close(got, want, DEPTHWISE_TOL)
 
 
+# (x shape, weight shape [O, kh, kw, I/groups], groups, stride, padding, dilation, time_pad):
+# DFN3's df_conv0 (1 input channel per group) and df_convp (32 per group: the dot-product
+# form), its 64 -> 1 output conv, a dense 3x3, and odd geometries in both forms
+GROUPED_CASES = [((1, 12, 24, 2), (64, 3, 3, 1), 2, (1, 1), (0, 1), (1, 1), (2, 0)),
+                 ((1, 10, 12, 64), (10, 5, 1, 32), 2, (1, 1), (0, 0), (1, 1), (4, 0)),
+                 ((2, 6, 16, 64), (1, 1, 3, 64), 1, (1, 1), (0, 1), (1, 1), (0, 0)),
+                 ((1, 7, 9, 16), (24, 3, 3, 16), 1, (1, 2), (1, 1), (1, 1), (1, 2)),
+                 ((2, 9, 7, 6), (9, 2, 3, 2), 3, (2, 1), (1, 2), (2, 1), (0, 3)),
+                 ((1, 5, 8, 32), (4, 2, 2, 16), 2, (1, 1), (0, 0), (1, 2), (1, 0))]
+
+
 @needs_native
-def test_depthwise_conv_modules_run_the_native_op(native_calls):
+@pytest.mark.parametrize("shape, w_shape, groups, stride, padding, dilation, time_pad", GROUPED_CASES)
+def test_native_grouped_conv_equals_the_mlx_ops_with_their_gradients(shape, w_shape, groups, stride, padding,
+                                                                     dilation, time_pad, native_calls):
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.standard_normal(shape).astype(np.float32))
+    w = mx.array(rng.standard_normal(w_shape).astype(np.float32))
+    native = lambda x, w: layers.conv2d(x, w, stride, padding, dilation, groups, time_pad)  # noqa: E731
+    pure = lambda x, w: layers._conv2d_mlx(layers.pad_axis(x, 1, *time_pad), w, stride, padding, dilation,  # noqa: E731
+                                           groups)
+    _close(native(x, w), pure(x, w), GROUPED_TOL)
+    _close(native(x, w), mx.conv2d(layers.pad_axis(x, 1, *time_pad), w, stride, padding, dilation, groups),
+           GROUPED_TOL)
+    assert native_calls.count("grouped_conv2d") == 2
+    loss = lambda f: lambda x, w: (f(x, w) * mx.arange(f(x, w).size).reshape(f(x, w).shape)).sum()  # noqa: E731
+    for got, want in zip(mx.grad(loss(native), argnums=(0, 1))(x, w), mx.grad(loss(pure), argnums=(0, 1))(x, w)):
+        _close(got, want, GROUPED_TOL)
+
+
+@needs_native
+def test_native_depthwise_conv_adds_the_time_pad_itself():
+    x, w = _depthwise_case((1, 9, 8, 4), (3, 3))
+    got = layers.conv2d(x, w, (1, 1), (0, 1), (1, 1), 4, time_pad=(2, 1))
+    _close(got, mx.conv2d(layers.pad_axis(x, 1, 2, 1), w, (1, 1), (0, 1), (1, 1), 4), DEPTHWISE_TOL)
+
+
+@needs_native
+def test_conv_modules_run_the_native_ops(native_calls):
     x = mx.random.normal((1, 6, 8, 4))
     mx.eval(layers.Conv2d(4, 4, (1, 3), padding=(0, 1), groups=4)(x),
             layers.ConvTranspose2d(4, 4, (1, 3), stride=(1, 2), padding=(0, 1), output_padding=(0, 1), groups=4)(x),
-            layers.Conv2d(4, 8, (1, 3), groups=2)(x))  # grouped, not depthwise: MLX ops
-    assert native_calls.count("depthwise_conv2d") == 2
+            layers.Conv2d(4, 8, (1, 3), groups=2)(x),
+            layers.Conv2d(4, 8, 1)(x))  # ungrouped 1x1: one BLAS matmul
+    assert native_calls.count("depthwise_conv2d") == 2 and native_calls.count("grouped_conv2d") == 1
+
+
+@needs_native
+@pytest.mark.parametrize("in_ch, out_ch, kernel, separable", [(2, 16, (3, 3), True), (16, 10, (5, 1), True),
+                                                               (1, 8, (3, 3), False)])
+def test_causal_conv_blocks_fold_the_time_pad_into_the_conv(in_ch, out_ch, kernel, separable, monkeypatch):
+    from df_mlx.modules import Conv2dNormAct
+
+    block = Conv2dNormAct(in_ch, out_ch, kernel, separable=separable)
+    block.eval()
+    x = mx.random.normal((2, 7, 12, in_ch))
+    pads = []
+    real_pad = layers.pad_axis
+    monkeypatch.setattr(layers, "pad_axis",
+                        lambda x, axis, *a, **k: pads.append((axis, *a[:2])) or real_pad(x, axis, *a, **k))
+    folded = block(x)
+    assert (1, kernel[0] - 1, 0) not in pads  # no padded copy of x along time
+    with layers.layer_by_layer():
+        by_layer = block(x)
+    assert (1, kernel[0] - 1, 0) in pads
+    _close(folded, by_layer, GROUPED_TOL)
 
 
 @needs_native
