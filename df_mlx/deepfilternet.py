@@ -14,6 +14,7 @@ from df_mlx.config import DfParams, config  # noqa: F401  (re-exported, as df.de
 from df_mlx.interop import TorchModuleCalls
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
+from df_mlx.layers import Sigmoid, Tanh
 from df_mlx.modules import DfOp, GroupedGRU, GroupedLinear, Mask, Sequential, convkxf, erb_filterbanks
 from df_mlx.modules import erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternet)
 
@@ -68,7 +69,7 @@ class Encoder(nn.Module):
         self.emb_n_layers = p.emb_num_layers
         self.gru_groups = p.gru_groups
         self.emb_gru = _grouped_gru(p, self.emb_dim, self.emb_out_dim, p.emb_num_layers)
-        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), nn.Sigmoid())
+        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), Sigmoid())
         self.lsnr_scale = p.lsnr_max - p.lsnr_min
         self.lsnr_offset = p.lsnr_min
 
@@ -109,7 +110,7 @@ class ErbDecoder(nn.Module):
         self.conv1p = convkxf(width * wf, width * wf, **pkwargs)
         self.convt1 = convkxf(width * wf, width, **tkwargs)
         self.conv0p = convkxf(width, width, **pkwargs)
-        self.conv0_out = convkxf(width, 1, fstride=1, k=k, act=nn.Sigmoid())
+        self.conv0_out = convkxf(width, 1, fstride=1, k=k, act=Sigmoid())
 
     def __call__(self, emb, e3, e2, e1, e0) -> mx.array:
         b, t, f8, _ = e3.shape
@@ -133,8 +134,8 @@ class DfDecoder(nn.Module):
         self.gru_groups = p.gru_groups
         self.df_convp = convkxf(p.conv_ch, self.df_order * 2, k=1, f=1, complex_in=True, batch_norm=True)
         self.df_gru = _grouped_gru(p, p.emb_hidden_dim, self.df_n_hidden, self.df_n_layers)
-        self.df_fc_out = Sequential(nn.Linear(self.df_n_hidden, self.df_bins * self.df_order * 2), nn.Tanh())
-        self.df_fc_a = Sequential(nn.Linear(self.df_n_hidden, 1), nn.Sigmoid())
+        self.df_fc_out = Sequential(nn.Linear(self.df_n_hidden, self.df_bins * self.df_order * 2), Tanh())
+        self.df_fc_a = Sequential(nn.Linear(self.df_n_hidden, 1), Sigmoid())
 
     def __call__(self, emb: mx.array, c0: mx.array) -> Tuple[mx.array, mx.array]:
         b, t, _ = emb.shape

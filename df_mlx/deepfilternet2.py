@@ -18,6 +18,7 @@ from df_mlx.interop import TorchModuleCalls
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
 from df_mlx.logger import log_deprecated
+from df_mlx.layers import Sigmoid, Tanh
 from df_mlx.modules import ConvTranspose2dNormAct, erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternet2)
 from df_mlx.modules import (
     Conv2dNormAct,
@@ -137,7 +138,7 @@ class _DfPathway(nn.Module):
         self.gru_groups = p.gru_groups
         self.df_convp = Conv2dNormAct(p.conv_ch, p.df_order * 2, fstride=1, kernel_size=(p.df_pathway_kernel_size_t, 1),
                                       separable=True, bias=False)
-        self.df_fc_a = Sequential(nn.Linear(p.df_hidden_dim, 1), nn.Sigmoid())
+        self.df_fc_a = Sequential(nn.Linear(p.df_hidden_dim, 1), Sigmoid())
 
 
 class DfDecoder(_DfPathway):
@@ -165,7 +166,7 @@ class DfDecoder(_DfPathway):
             df_out = GroupedLinearEinsum(self.df_n_hidden, out_dim, groups=p.lin_groups)
         else:
             raise ValueError(f"DF_OUTPUT_LAYER must be linear or groupedlinear, got {p.df_output_layer}")
-        self.df_out = Sequential(df_out, nn.Tanh())
+        self.df_out = Sequential(df_out, Tanh())
 
     def __call__(self, emb: mx.array, c0: mx.array) -> Tuple[mx.array, mx.array]:
         b, t, _ = emb.shape
@@ -189,7 +190,7 @@ class DfDecoderLinear(_DfPathway):
         self._build(p)
         self.df_gru = GroupedGRU(p.emb_hidden_dim, self.df_n_hidden, num_layers=self.df_n_layers, batch_first=True,
                                  groups=p.gru_groups, shuffle=p.group_shuffle, add_outputs=True)
-        self.df_fc_out = Sequential(nn.Linear(self.df_n_hidden, self.df_bins * self.df_order * 2), nn.Tanh())
+        self.df_fc_out = Sequential(nn.Linear(self.df_n_hidden, self.df_bins * self.df_order * 2), Tanh())
 
     def __call__(self, emb: mx.array, c0: mx.array) -> Tuple[mx.array, mx.array]:
         b, t, _ = emb.shape

@@ -18,6 +18,7 @@ from df_mlx.config import Csv, DfParams, config  # noqa: F401  (re-exported, as 
 from df_mlx.interop import TorchModuleCalls
 from df_mlx.libdf import DF
 from df_mlx.model import read_model_keys
+from df_mlx.layers import Sigmoid, Tanh
 from df_mlx.modules import as_complex, erb_fb, get_device  # noqa: F401  (re-exported, as df.deepfilternet3)
 from df_mlx.modules import (
     ConstantPad2d,
@@ -127,7 +128,7 @@ class Encoder(nn.Module):
             self.combine = Add()
         self.emb_n_layers = p.emb_num_layers
         self.emb_gru = self._build_gru(p)
-        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), nn.Sigmoid())
+        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), Sigmoid())
         self.lsnr_scale = p.lsnr_max - p.lsnr_min
         self.lsnr_offset = p.lsnr_min
 
@@ -183,7 +184,7 @@ class ErbDecoder(nn.Module):
         self.conv1p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
         self.convt1 = tconv_layer(p.conv_ch, p.conv_ch, fstride=2)
         self.conv0p = conv_layer(p.conv_ch, p.conv_ch, kernel_size=1)
-        self.conv0_out = conv_layer(p.conv_ch, 1, kernel_size=p.conv_kernel, activation_layer=nn.Sigmoid)
+        self.conv0_out = conv_layer(p.conv_ch, 1, kernel_size=p.conv_kernel, activation_layer=Sigmoid)
 
     @staticmethod
     def params():
@@ -265,8 +266,8 @@ class DfDecoder(nn.Module):
         if make_skip is not None:
             self.df_skip = make_skip()
         out_dim = self.df_bins * self.df_out_ch
-        self.df_out = Sequential(GroupedLinearEinsum(self.df_n_hidden, out_dim, groups=p.lin_groups), nn.Tanh())
-        self.df_fc_a = Sequential(nn.Linear(self.df_n_hidden, 1), nn.Sigmoid())
+        self.df_out = Sequential(GroupedLinearEinsum(self.df_n_hidden, out_dim, groups=p.lin_groups), Tanh())
+        self.df_fc_a = Sequential(nn.Linear(self.df_n_hidden, 1), Sigmoid())
 
     def __call__(self, emb: mx.array, c0: mx.array) -> mx.array:
         """DF coefficients [B, T, F, O*2] from the embedding and the channels-last c0."""

@@ -29,7 +29,7 @@ import df_mlx.multiframe as MF
 from df_mlx.config import DfParams, config
 from df_mlx.interop import TorchModuleCalls
 from df_mlx.hybrid_encoder import HybridEncoder, MagnitudeEncoder
-from df_mlx.layers import pad_axis, softmax
+from df_mlx.layers import Sigmoid, Tanh, pad_axis, softmax
 from df_mlx.libdf import DF
 from df_mlx.mamba import SqueezedMamba
 from df_mlx.model import read_model_keys
@@ -200,7 +200,7 @@ class MultiResDfDecoder(nn.Module):
         self.emb_in_dim = conv_ch * nb_erb // 4
         self.backbone = _sequence_model(use_mamba, self.emb_in_dim, hidden_dim, num_layers=num_layers,
                                         d_state=mamba_d_state, d_conv=mamba_d_conv)
-        self.output_heads = [Sequential(GroupedLinearEinsum(hidden_dim, nf * fs * 2, groups=lin_groups), nn.Tanh())
+        self.output_heads = [Sequential(GroupedLinearEinsum(hidden_dim, nf * fs * 2, groups=lin_groups), Tanh())
                              for nf, fs in self.resolutions]
         self.reshape_ops = [DfOutputReshape(fs, nf) for nf, fs in self.resolutions]
 
@@ -229,7 +229,7 @@ class SingleResDfDecoder(nn.Module):
         self.backbone = _sequence_model(use_mamba, self.emb_in_dim, hidden_dim, num_layers=num_layers,
                                         d_state=mamba_d_state, d_conv=mamba_d_conv)
         self.df_out = Sequential(GroupedLinearEinsum(hidden_dim, df_bins * self.df_out_ch, groups=lin_groups),
-                                 nn.Tanh())
+                                 Tanh())
         self.reshape = DfOutputReshape(df_order, df_bins)
 
     def __call__(self, emb: mx.array, c0: mx.array) -> mx.array:
@@ -253,7 +253,7 @@ class AdaptiveDfDecoder(nn.Module):
         self.backbone = _sequence_model(use_mamba, self.emb_in_dim, hidden_dim, num_layers=num_layers,
                                         d_state=mamba_d_state, d_conv=mamba_d_conv)
         orders = range(min_order, max_order + 1)
-        self.output_heads = [Sequential(GroupedLinearEinsum(hidden_dim, df_bins * o * 2, groups=lin_groups), nn.Tanh())
+        self.output_heads = [Sequential(GroupedLinearEinsum(hidden_dim, df_bins * o * 2, groups=lin_groups), Tanh())
                              for o in orders]
         self.reshape_ops = [DfOutputReshape(o, df_bins) for o in orders]
 
@@ -296,7 +296,7 @@ class ErbDecoder4(nn.Module):
         self.conv1p = conv_layer(conv_ch, conv_ch, kernel_size=1)
         self.convt1 = tconv_layer(conv_ch, conv_ch, fstride=2)
         self.conv0p = conv_layer(conv_ch, conv_ch, kernel_size=1)
-        self.conv0_out = conv_layer(conv_ch, 1, kernel_size=(1, 3), activation_layer=nn.Sigmoid)
+        self.conv0_out = conv_layer(conv_ch, 1, kernel_size=(1, 3), activation_layer=Sigmoid)
 
     @staticmethod
     def _seq_layers(emb_num_layers: int) -> int:
@@ -337,7 +337,7 @@ class Encoder4(MagnitudeEncoder):
         self.emb_gru = _sequence_model(use_mamba, self.emb_in_dim * (2 if enc_concat else 1), self.emb_dim,
                                        output_size=self.emb_out_dim, num_layers=1, lin_groups=lin_groups,
                                        d_state=mamba_d_state, d_conv=mamba_d_conv)
-        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), nn.Sigmoid())
+        self.lsnr_fc = Sequential(nn.Linear(self.emb_out_dim, 1), Sigmoid())
         self.lsnr_scale = lsnr_max - lsnr_min
         self.lsnr_offset = lsnr_min
 

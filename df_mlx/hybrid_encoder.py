@@ -20,7 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from df_mlx import deepfilternet3 as dfn3
-from df_mlx.layers import BatchNorm2d, linear, softmax
+from df_mlx.layers import BatchNorm2d, Sigmoid, linear, softmax
 from df_mlx.mamba import Conv1d, Mamba
 from df_mlx.modules import Conv2dNormAct, GroupedLinearEinsum, Sequential, SqueezedGRU_S
 
@@ -253,7 +253,7 @@ class HybridEncoder(nn.Module):
             self.seq_layers = [SqueezedGRU_S(emb_hidden_dim, emb_hidden_dim, num_layers=1, linear_groups=linear_groups)
                                for _ in range(emb_num_layers)]
         self.out_proj = nn.Linear(emb_hidden_dim, mag_emb_dim)
-        self.lsnr_fc = Sequential(nn.Linear(mag_emb_dim, 1), nn.Sigmoid())
+        self.lsnr_fc = Sequential(nn.Linear(mag_emb_dim, 1), Sigmoid())
         self.lsnr_scale = lsnr_max - lsnr_min
         self.lsnr_offset = lsnr_min
 

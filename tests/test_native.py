@@ -31,6 +31,8 @@ SOFTMAX_TOL = 1e-6
 SOFTMAX_GRAD_TOL = 1e-5  # the same analytic gradient on outputs that differ by SOFTMAX_TOL
 SIGMOID_ULP = 3.0  # df_mlx/native/fastmath.h's stated bounds
 TANH_ULP = 2.0
+# the same analytic activation gradient on outputs a few ulp apart, up to |g| ~ 4
+ACTIVATION_GRAD_TOL = 1e-5
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the native extension is built on Linux")
 needs_native = pytest.mark.skipif(_native.module is None, reason=f"native ops unavailable: {_native.reason}")
 
@@ -348,6 +350,24 @@ def test_attention_runs_the_native_softmax(native_calls):
     x = mx.random.normal((2, 6, 8))
     mx.eval(MultiheadAttention(8, 2, batch_first=True)(x, x, x)[0])
     assert native_calls.count("softmax") == 1
+
+
+@needs_native
+@pytest.mark.parametrize("ours, exact, theirs, ulp", [(layers.tanh, np.tanh, mx.tanh, TANH_ULP),
+                                                     (layers.sigmoid, lambda x: 1 / (1 + np.exp(-x)), mx.sigmoid,
+                                                      SIGMOID_ULP)])
+def test_native_activations_within_their_bounds_with_the_mlx_gradient(ours, exact, theirs, ulp, native_calls):
+    x = mx.array(np.linspace(-20, 20, 40001, dtype=np.float32).reshape(1, 1, -1))
+    assert _ulp_error(np.array(ours(x)).ravel(), exact(np.array(x).ravel().astype(np.float64))) <= ulp
+    assert native_calls.count("activation") == 1
+    g = mx.random.normal(x.shape)
+    _close(mx.vjp(ours, [x], [g])[1][0], mx.vjp(theirs, [x], [g])[1][0], ACTIVATION_GRAD_TOL)
+
+
+@needs_native
+def test_activation_modules_run_the_native_op(native_calls):
+    mx.eval(layers.Tanh()(mx.ones((2, 3))), layers.Sigmoid()(mx.ones((2, 3))))
+    assert native_calls.count("activation") == 2
 
 
 def test_non_float32_inputs_take_the_pure_path():
