@@ -241,12 +241,23 @@ def erb_norm(erb, alpha: float, state=None, *, return_state: bool = False):
         raise TypeError(f"erb_norm expects a 3-D [C, T, E] array, got shape {x.shape}")
     a = _f32(alpha)
     one_minus_a = _f32(1.0) - a
-    s = _initial_state(MEAN_NORM_INIT, x.shape[0], x.shape[2], state)
-    out = np.empty_like(x)
+    means, last = _ema(x, one_minus_a, a, _initial_state(MEAN_NORM_INIT, x.shape[0], x.shape[2], state))
+    out = (x - means) / _f32(40.0)
+    return (out, last) if return_state else out
+
+
+def _ema(x: np.ndarray, one_minus_a, a, s: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The states s_t = x_t (1 - a) + s_{t-1} a of x [C, T, N] over t, in float32 as libdf
+    computes them, and the last one (s itself for no frames); only the recursion runs frame by
+    frame (in place), the rest whole."""
+    states = np.empty(x.shape, dtype=_f32)
+    scaled = (x * one_minus_a).astype(_f32)
+    s = np.array(s, dtype=_f32)  # [C, N]
     for t in range(x.shape[1]):
-        s = x[:, t] * one_minus_a + s * a
-        out[:, t] = (x[:, t] - s) / _f32(40.0)
-    return (out, s) if return_state else out
+        np.multiply(s, a, out=s)
+        np.add(scaled[:, t], s, out=s)
+        states[:, t] = s
+    return states, s
 
 
 def unit_norm(spec, alpha: float, state=None, *, return_state: bool = False):
@@ -260,14 +271,12 @@ def unit_norm(spec, alpha: float, state=None, *, return_state: bool = False):
     mag = np.hypot(re, im).astype(_f32)
     a = _f32(alpha)
     one_minus_a = _f32(1.0) - a
-    s = _initial_state(UNIT_NORM_INIT, x.shape[0], x.shape[2], state)
+    states, last = _ema(mag, one_minus_a, a, _initial_state(UNIT_NORM_INIT, x.shape[0], x.shape[2], state))
+    root = np.sqrt(states)
     out = np.empty_like(x)
-    for t in range(x.shape[1]):
-        s = mag[:, t] * one_minus_a + s * a
-        root = np.sqrt(s)
-        out[:, t].real = re[:, t] / root
-        out[:, t].imag = im[:, t] / root
-    return (out, s) if return_state else out
+    out.real = re / root
+    out.imag = im / root
+    return (out, last) if return_state else out
 
 
 def unit_norm_init(num_freq_bins: int) -> np.ndarray:
