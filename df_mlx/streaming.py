@@ -81,6 +81,9 @@ class StreamingEnhancer:
         # The model's parameters are inputs of the compiled graph, so updated weights count.
         self._estimate_compiled = mx.compile(self._estimate_with_states, inputs=model.state) if compile_hops \
             else self._estimate_with_states
+        # The mask, deep filter and post-filter of a few frames are ~80 more small ops: compiled too.
+        self._apply_compiled = mx.compile(self._apply_stages, inputs=model.state) if compile_hops \
+            else self._apply_stages
         self.reset()
 
     @property
@@ -174,6 +177,10 @@ class StreamingEnhancer:
                 layer.stream = None
         return (m, coefs, *[holder.state for holder in holders])
 
+    def _apply_stages(self, spec: mx.array, m: mx.array, *coefs: mx.array) -> mx.array:
+        """model.apply_stages (coefs only where the DF stage runs: a compiled graph takes arrays)."""
+        return self.model.apply_stages(spec, m, coefs[0] if coefs else None)
+
     def _output(self, final: bool) -> np.ndarray:
         """Apply mask and deep filter to every frame whose estimates and lookahead frames exist."""
         c = self.spec.shape[0]
@@ -189,7 +196,9 @@ class StreamingEnhancer:
         pad = (self.df_past, self.df_la)
         m = pad_axis(self.m[:, :, :n], 2, *pad)
         coefs = pad_axis(self.coefs[:, :, :n], 2, *pad) if self.model.run_df else self.coefs
-        out = np.array(self.model.apply_stages(spec_w, m, coefs))[:, 0, self.df_past : self.df_past + n]
+        apply = self._apply_compiled if n <= COMPILED_MAX_FRAMES else self._apply_stages
+        out = np.array(apply(spec_w, m, *([coefs] if self.model.run_df else [])))
+        out = out[:, 0, self.df_past : self.df_past + n]
         out = out[..., 0] + 1j * out[..., 1]
         if self.lim is not None:
             out = window[:, self.df_past : self.df_past + n] * self.lim + out * (1 - self.lim)

@@ -135,18 +135,20 @@ def _hops(stream, audio, hop=480):
 
 
 def test_compiled_hops_equal_plain_ones_and_follow_weight_updates(setup, monkeypatch):
-    """Hop-sized calls replay one compiled graph: the same output as the plain calls, and
-    weights changed between calls are used (the parameters are inputs of the graph)."""
+    """Hop-sized calls replay compiled graphs (the network, then mask and deep filter): the same
+    output as the plain calls, and weights changed between calls are used (the parameters are
+    inputs of the graphs)."""
     import mlx.core as mx
 
     model, df_state, audio, _, _ = setup
     compiled, plain = StreamingEnhancer(model, df_state), StreamingEnhancer(model, df_state, compile_hops=False)
-    replays = []
-    run = compiled._estimate_compiled
+    replays, applies = [], []
+    run, apply = compiled._estimate_compiled, compiled._apply_compiled
     monkeypatch.setattr(compiled, "_estimate_compiled", lambda *a: replays.append(1) or run(*a))
+    monkeypatch.setattr(compiled, "_apply_compiled", lambda *a: applies.append(1) or apply(*a))
     half = audio.shape[1] // 2
     np.testing.assert_array_equal(_hops(compiled, audio[:, :half]), _hops(plain, audio[:, :half]))
-    assert len(replays) > 10
+    assert len(replays) > 10 and len(applies) > 10
     old = model.erb_dec.conv0_out[1].weight
     try:
         model.erb_dec.conv0_out[1].weight = old * 0.5
