@@ -44,11 +44,22 @@ def _native_matmul_vjp(primals, cotangent, _output):
     return cotangent @ b.swapaxes(-1, -2), a.swapaxes(-1, -2) @ cotangent
 
 
+# Products of fewer rows than this (a streaming hop's few frames) read a transposed weight
+# where it is; longer ones copy it row-major first, which measured slightly faster offline. A
+# hop cannot repay the copy: a GRU(256) input weight (0.75 MB) takes ~170 us to copy, its
+# 1-row product 15 us, and DFN3 copied 2 ms of weights per 10 ms hop.
+COPY_WEIGHT_FROM_ROWS = 128
+
+
+def _weight_operand(w: mx.array, rows: int) -> mx.array:
+    """A transposed or reshaped weight as the right operand of a product of `rows` rows."""
+    return w if rows < COPY_WEIGHT_FROM_ROWS else mx.contiguous(w)
+
+
 def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx.array:
     """torch's `F.linear` (x @ weight.T + bias) on the last axis of x [..., I] with a torch-layout
-    weight [O, I]. The weight is made contiguous as [I, O] first: the CPU BLAS that MLX links
-    is about twice as slow on a transposed operand."""
-    y = matmul(x, mx.contiguous(weight.T))
+    weight [O, I] (copied as [I, O] first for long products: COPY_WEIGHT_FROM_ROWS)."""
+    y = matmul(x, _weight_operand(weight.T, x.size // max(x.shape[-1], 1)))
     return y if bias is None else y + bias
 
 
@@ -483,21 +494,23 @@ def _dense_conv2d(x: mx.array, w: mx.array, out_hw, stride, dilation) -> mx.arra
     """Ungrouped convolution of the padded x [B, H, W, I] with w [O, kH, kW, I] as one matmul.
     Wide outputs stack the taps' windows along channels first (im2col); narrow ones multiply
     the input once by every tap's weight and sum the shifted products, which reads the large
-    input once instead of once per tap. Weights are made contiguous: MLX's CPU matmul is
-    slower on a transposed operand."""
+    input once instead of once per tap. Weights are copied contiguous for long products
+    (COPY_WEIGHT_FROM_ROWS)."""
     out_ch, kh, kw, in_ch = w.shape
     b, (h_out, w_out), (sh, sw), (dh, dw) = x.shape[0], out_hw, stride, dilation
     taps = kh * kw
     if out_ch < in_ch and taps > 1 and (sh, sw) == (1, 1):
-        w_all = mx.contiguous(w.transpose(3, 1, 2, 0).reshape(in_ch, taps * out_ch))
-        z = matmul(x.reshape(-1, in_ch), w_all).reshape(*x.shape[:3], taps * out_ch)
+        rows = x.size // in_ch
+        w_all = _weight_operand(w.transpose(3, 1, 2, 0).reshape(in_ch, taps * out_ch), rows)
+        z = matmul(x.reshape(rows, in_ch), w_all).reshape(*x.shape[:3], taps * out_ch)
         parts = [z[:, i * dh : i * dh + h_out, j * dw : j * dw + w_out, k * out_ch : (k + 1) * out_ch]
                  for k, (i, j) in enumerate((i, j) for i in range(kh) for j in range(kw))]
         return _weighted_sum(mx.ones((taps,), dtype=z.dtype), *parts)
     cols = _conv_taps(x, (kh, kw), out_hw, stride, dilation)
     cols = cols[0] if taps == 1 else mx.concatenate(cols, axis=-1)
-    w_cols = mx.contiguous(w.reshape(out_ch, taps * in_ch).T)
-    return matmul(cols.reshape(-1, taps * in_ch), w_cols).reshape(b, h_out, w_out, out_ch)
+    cols = cols.reshape(-1, taps * in_ch)
+    y = matmul(cols, _weight_operand(w.reshape(out_ch, taps * in_ch).T, cols.shape[0]))
+    return y.reshape(b, h_out, w_out, out_ch)
 
 
 def conv_transpose2d(x: mx.array, w: mx.array, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
