@@ -439,3 +439,47 @@ def test_without_the_extension_df_mlx_runs_the_pure_path_and_says_once_why():
     assert done.stdout.strip() == "None (3, 1, 2)"
     assert done.stderr.count("pure-MLX steps (slower on the CPU)") == 1
     assert "native extension is not built" in done.stderr
+
+
+def _strided_views(a: np.ndarray):
+    """a as MLX views that are not row-contiguous: transposed twice, sliced, broadcast."""
+    base = mx.array(a)
+    yield "transposed", mx.array(np.ascontiguousarray(np.swapaxes(a, 0, -1))).swapaxes(0, -1)
+    padded = mx.array(np.pad(a, [(0, 0)] * (a.ndim - 1) + [(1, 2)]))
+    yield "sliced", padded[..., 1 : 1 + a.shape[-1]]
+    if a.shape[0] == 1:
+        yield "broadcast", mx.broadcast_to(base[:1], a.shape)
+
+
+@needs_native
+@pytest.mark.parametrize("op", ["tanh", "softmax", "gru_scan", "depthwise_conv2d", "grouped_conv2d", "matmul",
+                                "batched_matmul"])
+def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
+    """The ops copy non-contiguous inputs themselves (no Contiguous op in the graph): the result
+    is bit for bit that of the dense input; the matmul reads a transposed b in place (BLAS's
+    transposed kernel: summation order, MATMUL_TOL)."""
+    rng = np.random.default_rng(5)
+    m = _native.module
+    cases = {
+        "tanh": ([(1, 6, 9)], lambda x: m.activation(x, 0)),
+        "softmax": ([(1, 5, 7)], lambda x: m.softmax(x)),
+        "gru_scan": ([(4, 1, 24), (1, 8), (24, 8), (24,)], lambda *a: m.gru_scan(*a)[0]),
+        "depthwise_conv2d": ([(1, 5, 6, 4), (6, 4)],
+                             lambda x, w: m.depthwise_conv2d(x, w, (2, 3, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1))),
+        "grouped_conv2d": ([(1, 5, 6, 4), (6, 2, 1, 2)],
+                           lambda x, w: m.grouped_conv2d(x, w, (2, 1, 1, 1, 1, 1, 1, 0, 0, 0), 2)),
+        "matmul": ([(3, 9), (9, 5)], lambda a, b: m.matmul(a, b)),
+        "batched_matmul": ([(1, 3, 9), (1, 9, 5)], lambda a, b: m.matmul(a, b)),
+    }
+    shapes, run = cases[op]
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    want = np.array(run(*map(mx.array, arrays)))
+    for i, a in enumerate(arrays):
+        for how, view in _strided_views(a):
+            inputs = [mx.array(x) for x in arrays]
+            inputs[i] = view
+            got = np.array(run(*inputs))
+            if op == "matmul" and i == 1 and how == "transposed":
+                assert np.abs(got - want).max() <= MATMUL_TOL * np.abs(want).max(), how
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=f"input {i} {how}")

@@ -24,12 +24,12 @@ mx::array activation(const mx::array& x, int kind) {
   require(kind == 0 || kind == 1, "activation", "kind is 0 (tanh) or 1 (sigmoid)");
   auto stream = cpu_stream("activation", {x});
   return mx::array(x.shape(), mx::float32, std::make_shared<Activation>(stream, static_cast<ActivationKind>(kind)),
-                   dense_inputs({x}, stream));
+                   {x});
 }
 
 void Activation::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
-  queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [x = inputs[0].data<float>(), y = outputs[0].data<float>(), n = inputs[0].size(), kind = kind_]() {
+  queue_cpu_task(stream(), inputs, outputs, [&](const std::vector<const float*>& in) {
+    return [x = in[0], y = outputs[0].data<float>(), n = inputs[0].size(), kind = kind_]() {
       if (kind == ActivationKind::kTanh) {
         tanh_all(x, y, n);
       } else {

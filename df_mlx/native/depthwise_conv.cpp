@@ -80,7 +80,7 @@ mx::array depthwise_conv2d(const mx::array& x, const mx::array& w, std::array<in
         "empty input or output");
   auto stream = cpu_stream("depthwise_conv2d", {x, w});
   return mx::array({x.shape(0), out_h, out_w, w.shape(1)}, mx::float32,
-                   std::make_shared<DepthwiseConv2d>(stream, geometry), dense_inputs({x, w}, stream));
+                   std::make_shared<DepthwiseConv2d>(stream, geometry), {x, w});
 }
 
 void DepthwiseConv2d::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -88,8 +88,8 @@ void DepthwiseConv2d::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   const auto& y = outputs[0];
   const int batch = x.shape(0), height = x.shape(1), width = x.shape(2), channels = x.shape(3);
   const int out_h = y.shape(1), out_w = y.shape(2);
-  queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [x = x.data<float>(), w = inputs[1].data<float>(), y = outputs[0].data<float>(), batch,
+  queue_cpu_task(stream(), inputs, outputs, [&](const std::vector<const float*>& in) {
+    return [x = in[0], w = in[1], y = outputs[0].data<float>(), batch,
             height, width, channels, out_h, out_w, g = unpack(geometry_)]() {
       const size_t in_image = static_cast<size_t>(height) * width * channels;
       const size_t out_row = static_cast<size_t>(out_w) * channels;

@@ -183,7 +183,7 @@ mx::array grouped_conv2d(const mx::array& x, const mx::array& w, std::array<int,
   auto weight = dot ? w : mx::transpose(mx::reshape(w, {out_ch, g.kh * g.kw, channels / groups}, stream),
                                         {1, 2, 0}, stream);
   return mx::array({x.shape(0), out_h, out_w, out_ch}, mx::float32,
-                   std::make_shared<GroupedConv2d>(stream, geometry, groups), dense_inputs({x, weight}, stream));
+                   std::make_shared<GroupedConv2d>(stream, geometry, groups), {x, weight});
 }
 
 void GroupedConv2d::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -192,8 +192,8 @@ void GroupedConv2d::eval_cpu(const std::vector<mx::array>& inputs, std::vector<m
   const Shape s{x.shape(1), x.shape(2), x.shape(3), y.shape(2), y.shape(3), groups_};
   const int batch = x.shape(0), out_h = y.shape(1);
   const bool dot = dot_form(s.in_per_group());
-  queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [x = x.data<float>(), w = inputs[1].data<float>(), y = outputs[0].data<float>(), batch, out_h,
+  queue_cpu_task(stream(), inputs, outputs, [&](const std::vector<const float*>& in) {
+    return [x = in[0], w = in[1], y = outputs[0].data<float>(), batch, out_h,
             s, dot, g = unpack(geometry_)]() {
       const size_t in_image = static_cast<size_t>(s.height) * s.width * s.channels;
       const size_t out_row = static_cast<size_t>(s.out_width) * s.out_ch;

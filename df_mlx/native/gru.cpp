@@ -115,14 +115,14 @@ std::vector<mx::array> gru_scan(const mx::array& xp, const mx::array& h0, const 
   auto stream = cpu_stream("gru_scan", {xp, h0, w_hh, b_hh});
   return mx::array::make_arrays({{steps, batch, size}, {batch, size}}, {mx::float32, mx::float32},
                                 std::make_shared<GRUScan>(stream, reverse),
-                                dense_inputs({xp, h0, w_hh, b_hh}, stream));
+                                {xp, h0, w_hh, b_hh});
 }
 
 void GRUScan::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const int steps = inputs[0].shape(0), batch = inputs[0].shape(1), size = inputs[1].shape(1);
-  queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [xp = inputs[0].data<float>(), h0 = inputs[1].data<float>(), w = inputs[2].data<float>(),
-            b = inputs[3].data<float>(), out = outputs[0].data<float>(),
+  queue_cpu_task(stream(), inputs, outputs, [&](const std::vector<const float*>& in) {
+    return [xp = in[0], h0 = in[1], w = in[2],
+            b = in[3], out = outputs[0].data<float>(),
             h_last = outputs[1].data<float>(), steps, batch, size, reverse = reverse_]() {
       run_gru(xp, h0, w, b, out, h_last, steps, batch, size, reverse);
     };

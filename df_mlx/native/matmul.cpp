@@ -13,22 +13,35 @@ mx::array matmul(const mx::array& a, const mx::array& b) {
   auto stream = cpu_stream("matmul", {a, b});
   auto shape = a.shape();
   shape.back() = b.shape(-1);
-  return mx::array(shape, mx::float32, std::make_shared<Matmul>(stream), dense_inputs({a, b}, stream));
+  return mx::array(shape, mx::float32, std::make_shared<Matmul>(stream), {a, b});
+}
+
+// b [.., K, N] laid out as the transpose of a dense [.., N, K] (a torch-layout weight's .T):
+// BLAS reads it transposed where it is, without a copy.
+static bool dense_transposed(const mx::array& b) {
+  const int nd = b.ndim();
+  const int64_t k = b.shape(-2), n = b.shape(-1);
+  return (b.strides(-2) == 1 || k == 1) && (b.strides(-1) == k || n == 1) &&
+         (nd == 2 || b.strides(0) == k * n) && !b.flags().row_contiguous;
 }
 
 void Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const auto& a_in = inputs[0];
   const int batch = a_in.ndim() == 3 ? a_in.shape(0) : 1;
   const int m = a_in.shape(-2), k = a_in.shape(-1), n = inputs[1].shape(-1);
-  queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [a = a_in.data<float>(), b = inputs[1].data<float>(), c = outputs[0].data<float>(), batch, m,
-            k, n]() {
-      for (int g = 0; g < batch; ++g) {
-        blas().sgemm(kRowMajor, kNoTrans, kNoTrans, m, n, k, 1.0f, a + static_cast<size_t>(g) * m * k, k,
-                     b + static_cast<size_t>(g) * k * n, n, 0.0f, c + static_cast<size_t>(g) * m * n, n);
-      }
-    };
-  });
+  const bool b_trans = dense_transposed(inputs[1]);
+  queue_cpu_task(
+      stream(), inputs, outputs,
+      [&](const std::vector<const float*>& in) {
+        return [a = in[0], b = in[1], c = outputs[0].data<float>(), batch, m, k, n, b_trans]() {
+          for (int g = 0; g < batch; ++g) {
+            blas().sgemm(kRowMajor, kNoTrans, b_trans ? kTrans : kNoTrans, m, n, k, 1.0f,
+                         a + static_cast<size_t>(g) * m * k, k, b + static_cast<size_t>(g) * k * n, b_trans ? k : n,
+                         0.0f, c + static_cast<size_t>(g) * m * n, n);
+          }
+        };
+      },
+      {false, b_trans});
 }
 
 void Matmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {

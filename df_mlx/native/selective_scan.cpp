@@ -69,16 +69,16 @@ std::vector<mx::array> selective_scan(const mx::array& x, const mx::array& delta
   auto stream = cpu_stream("selective_scan", {x, delta, a, b, c, h0});
   return mx::array::make_arrays({x.shape(), h0.shape()}, {mx::float32, mx::float32},
                                 std::make_shared<SelectiveScan>(stream),
-                                dense_inputs({x, delta, a, b, c, h0}, stream));
+                                {x, delta, a, b, c, h0});
 }
 
 void SelectiveScan::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const auto& x = inputs[0];
   const int batch = x.shape(0), length = x.shape(1), channels = x.shape(2);
   const int states = inputs[2].shape(1);
-  queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [x = x.data<float>(), delta = inputs[1].data<float>(), a = inputs[2].data<float>(),
-            b = inputs[3].data<float>(), c = inputs[4].data<float>(), h0 = inputs[5].data<float>(),
+  queue_cpu_task(stream(), inputs, outputs, [&](const std::vector<const float*>& in) {
+    return [x = in[0], delta = in[1], a = in[2],
+            b = in[3], c = in[4], h0 = in[5],
             y = outputs[0].data<float>(), h = outputs[1].data<float>(), batch, length, channels,
             states]() { run_scan(x, delta, a, b, c, h0, y, h, batch, length, channels, states); };
   });

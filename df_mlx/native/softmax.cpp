@@ -38,14 +38,14 @@ DFMLX_SIMD_VARIANTS(void, softmax_row, (const float* __restrict x, float* __rest
 mx::array softmax(const mx::array& x) {
   require(x.ndim() >= 1 && x.size() > 0, "softmax", "expects a non-empty array");
   auto stream = cpu_stream("softmax", {x});
-  return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(stream), dense_inputs({x}, stream));
+  return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(stream), {x});
 }
 
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const int n = inputs[0].shape(-1);
   const size_t rows = inputs[0].size() / n;
-  queue_cpu_task(stream(), inputs, outputs, [&] {
-    return [x = inputs[0].data<float>(), y = outputs[0].data<float>(), n, rows]() {
+  queue_cpu_task(stream(), inputs, outputs, [&](const std::vector<const float*>& in) {
+    return [x = in[0], y = outputs[0].data<float>(), n, rows]() {
       for (size_t r = 0; r < rows; ++r) softmax_row(x + r * n, y + r * n, n);
     };
   });
