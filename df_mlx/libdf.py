@@ -11,6 +11,7 @@ Differences from libdf, all deliberate: inputs are never modified in place (libd
 (`return_state=True`) so that streaming callers can continue a signal chunk by chunk.
 """
 
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -190,6 +191,18 @@ def _widths(erb_fb: Union[np.ndarray, Sequence[int]]) -> np.ndarray:
     return w.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=8)
+def _band_plan(widths: Tuple[int, ...]) -> Tuple[np.ndarray, np.ndarray]:
+    """The bins of each ERB band as an [E, max width] index into the spectrum with one zero
+    bin appended (index F pads the narrower bands), and each band's 1/width in float32."""
+    w = np.array(widths)
+    starts = np.concatenate([[0], np.cumsum(w)[:-1]])
+    j = np.arange(w.max())
+    bins = np.where(j < w[:, None], starts[:, None] + j, w.sum())
+    scale = (_f32(1.0) / w.astype(_f32)).astype(_f32)[:, None]
+    return bins, scale
+
+
 def erb(input, erb_fb, db: bool = True) -> np.ndarray:
     """Mean power per ERB band of a complex spectrum [..., F] -> float32 [..., E]
     (10*log10(x + 1e-10) with `db`)."""
@@ -201,13 +214,11 @@ def erb(input, erb_fb, db: bool = True) -> np.ndarray:
         raise ValueError(f"ERB widths sum to {int(w.sum())} but the spectrum has {spec.shape[-1]} bins")
     spec = spec.astype(np.complex64, copy=False)
     power = (spec.real * spec.real + spec.imag * spec.imag).astype(_f32)
-    starts = np.concatenate([[0], np.cumsum(w)[:-1]])
-    k = (_f32(1.0) / w.astype(_f32)).astype(_f32)
-    out = np.zeros(spec.shape[:-1] + (len(w),), dtype=_f32)
-    # Sum each band left to right in float32, as libdf does.
-    for j in range(int(w.max())):
-        bands = np.nonzero(w > j)[0]
-        out[..., bands] += power[..., starts[bands] + j] * k[bands]
+    bins, scale = _band_plan(tuple(int(x) for x in w))
+    # Each band's terms, zero-padded to the widest band, summed left to right in float32 as
+    # libdf does: a running sum (np.cumsum is sequential; adding the zeros is exact).
+    terms = np.concatenate([power, np.zeros(power.shape[:-1] + (1,), _f32)], axis=-1)[..., bins] * scale
+    out = np.cumsum(terms, axis=-1, dtype=_f32)[..., -1]
     if db:
         out = (np.log10(out + _f32(1e-10)) * _f32(10.0)).astype(_f32)
     return out
