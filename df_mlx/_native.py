@@ -11,6 +11,9 @@ stream or is switched off with DFMLX_NATIVE=0, the callers run their pure-MLX co
 gives the native ops' gradients, and df_mlx says once why.
 """
 
+import contextlib
+import contextvars
+import functools
 import os
 import sys
 from typing import Optional
@@ -83,3 +86,36 @@ def usable(*arrays: mx.array) -> bool:
         say = logger.warning if module is None and reason != "DFMLX_NATIVE=0" else logger.info
         say(f"df_mlx runs its recurrences as pure-MLX steps (slower on the CPU): {why}")
     return False
+
+
+_without_gradients = contextvars.ContextVar("df_mlx_native_without_gradients", default=False)
+
+
+@contextlib.contextmanager
+def without_gradients():
+    """Native ops called inside run bare, without their mx.custom_function: its
+    CustomTransforms node is one more op of fixed cost per native call (22 of a DFN3 streaming
+    hop's ~260), and only gradients need it. No gradient through them can be taken then (MLX
+    raises). StreamingEnhancer traces its compiled, inference-only graphs inside this."""
+    token = _without_gradients.set(True)
+    try:
+        yield
+    finally:
+        _without_gradients.reset(token)
+
+
+class differentiable:
+    """`mx.custom_function` for a function that calls a native op: `.vjp` gives its gradient;
+    inside `without_gradients()` the function runs bare."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.custom = mx.custom_function(fn)
+        functools.update_wrapper(self, fn)
+
+    def vjp(self, vjp_fn):
+        self.custom.vjp(vjp_fn)
+        return vjp_fn
+
+    def __call__(self, *args):
+        return (self.fn if _without_gradients.get() else self.custom)(*args)

@@ -33,7 +33,7 @@ def matmul(a: mx.array, b: mx.array) -> mx.array:
     return a @ b
 
 
-@mx.custom_function
+@_native.differentiable
 def _native_matmul(a: mx.array, b: mx.array) -> mx.array:
     return _native.module.matmul(a, b)
 
@@ -72,7 +72,7 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     return mx.softmax(x, axis=axis)
 
 
-@mx.custom_function
+@_native.differentiable
 def _native_softmax(x: mx.array) -> mx.array:
     return _native.module.softmax(x)
 
@@ -93,7 +93,7 @@ def sigmoid(x: mx.array) -> mx.array:
     return _native_sigmoid(x) if x.size and _native.usable(x) else mx.sigmoid(x)
 
 
-@mx.custom_function
+@_native.differentiable
 def _native_tanh(x: mx.array) -> mx.array:
     return _native.module.activation(x, 0)
 
@@ -103,7 +103,7 @@ def _native_tanh_vjp(primals, cotangent, output):
     return (cotangent * (1 - output * output),)
 
 
-@mx.custom_function
+@_native.differentiable
 def _native_sigmoid(x: mx.array) -> mx.array:
     return _native.module.activation(x, 1)
 
@@ -167,7 +167,7 @@ def _pure_gru_scan(xp: mx.array, h: mx.array, w_hh: mx.array, b_hh: mx.array,
 def _native_gru_scan(reverse: bool):
     """The native GRU primitive as an MLX function whose gradient is the pure-MLX scan's."""
 
-    @mx.custom_function
+    @_native.differentiable
     def scan(xp, h, w_hh, b_hh):
         out, h_n = _native.module.gru_scan(xp, h, w_hh, b_hh, reverse)
         return out, h_n
@@ -385,7 +385,7 @@ def _native_grouped_conv2d(stride, padding, dilation, groups: int, time_pad=(0, 
     """The native grouped conv for one geometry, with `_conv2d_mlx`'s gradient."""
     pure = _padded_conv2d_mlx(stride, padding, dilation, groups, time_pad)
 
-    @mx.custom_function
+    @_native.differentiable
     def conv(x, w):
         _, kh, kw, _ = w.shape
         return _native.module.grouped_conv2d(x, w, _conv_geometry(kh, kw, stride, padding, dilation, time_pad),
@@ -403,7 +403,7 @@ def _native_depthwise(geometry, pure, flip: bool):
     flipped for a transposed conv; geometry(kH, kW) gives its geometry (native/depthwise_conv.h)
     and `pure`, the same function in MLX ops, its gradient."""
 
-    @mx.custom_function
+    @_native.differentiable
     def conv(x, w):
         out_ch, kh, kw, _ = w.shape
         taps = (w[:, ::-1, ::-1] if flip else w).reshape(out_ch, kh * kw).T

@@ -149,7 +149,7 @@ def _pure_scan(x: mx.array, delta: mx.array, A: mx.array, B: mx.array, C: mx.arr
     return mx.stack(ys, axis=1), h
 
 
-@mx.custom_function
+@_native.differentiable
 def _native_scan(x, delta, A, B, C, h0):
     """The native scan primitive, with the pure-MLX scan's gradient."""
     y, h = _native.module.selective_scan(x, delta, A, B, C, h0)

@@ -483,3 +483,16 @@ def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
                 assert np.abs(got - want).max() <= MATMUL_TOL * np.abs(want).max(), how
             else:
                 np.testing.assert_array_equal(got, want, err_msg=f"input {i} {how}")
+
+
+@needs_native
+def test_without_gradients_runs_the_bare_native_op():
+    """Inside _native.without_gradients() a native op runs without its custom_function (one op
+    fewer in the graph): the same values; a gradient is refused there, and taken outside."""
+    x = mx.array(np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4))
+    with _native.without_gradients():
+        bare = layers.tanh(x)
+        with pytest.raises((RuntimeError, ValueError)):
+            mx.grad(lambda v: layers.tanh(v).sum())(x)
+    np.testing.assert_array_equal(np.array(bare), np.array(layers.tanh(x)))
+    _close(mx.grad(lambda v: layers.tanh(v).sum())(x), 1 - mx.tanh(x) ** 2, ACTIVATION_GRAD_TOL)
