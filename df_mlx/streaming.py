@@ -10,11 +10,13 @@ by `fft_size - hop_size` samples.
 """
 
 import copy
+import os
 from typing import Optional
 
 import mlx.core as mx
 import numpy as np
 
+from df_mlx import _native
 from df_mlx.layers import GRU, ConstantPad2d, StreamState, pad_axis
 from df_mlx.libdf import DF, erb, erb_norm, unit_norm
 from df_mlx.utils import get_norm_alpha
@@ -41,10 +43,25 @@ def _streamable_layers(model):
 BLOCK_SECONDS = 10.0
 
 # Calls of up to this many frames run the network as one compiled MLX graph: a 10 ms hop is
-# ~600 small ops whose fixed cost dominates, and replaying the compiled graph fuses them and skips
-# building it in Python (about 20 % less time per hop on a 2-core x86 CPU, identical output).
+# ~450 small ops (~220 once compiled) whose fixed cost dominates, and replaying the compiled
+# graph fuses them and skips building it in Python (about 20 % less time per hop on a 2-core
+# x86 CPU, identical output).
 # Longer calls are dominated by the work itself and would each trace their own graph.
 COMPILED_MAX_FRAMES = 4
+
+
+def run_on_one_core(cpu: Optional[int] = None) -> int:
+    """Pin every thread of this process, MLX's CPU stream worker included, to one CPU (by
+    default the first this process may use) and return it; threads started later inherit it.
+    MLX runs each op on its stream's worker thread, so a hop of ~220 small ops, with caller and
+    worker on different cores, pays cross-core wake-ups (on a 2-core VM a DFN3 hop took 2.8-3.3
+    ms so and 2.0 ms on one core). For real-time, hop-by-hop use; Linux only."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise OSError("run_on_one_core needs os.sched_setaffinity (Linux)")
+    cpu = min(os.sched_getaffinity(0)) if cpu is None else cpu
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), {cpu})
+    return cpu
 
 
 def why_not_streamable(model) -> Optional[str]:
@@ -171,7 +188,8 @@ class StreamingEnhancer:
             holder.state = state
             layer.stream = holder
         try:
-            m, _, coefs = self.model.estimate(feat_erb, feat_spec, feat_erb.shape[1])
+            with _native.without_gradients():  # inference only: fewer ops per hop
+                m, _, coefs = self.model.estimate(feat_erb, feat_spec, feat_erb.shape[1])
         finally:
             for layer in self.layers:
                 layer.stream = None
@@ -179,7 +197,8 @@ class StreamingEnhancer:
 
     def _apply_stages(self, spec: mx.array, m: mx.array, *coefs: mx.array) -> mx.array:
         """model.apply_stages (coefs only where the DF stage runs: a compiled graph takes arrays)."""
-        return self.model.apply_stages(spec, m, coefs[0] if coefs else None)
+        with _native.without_gradients():
+            return self.model.apply_stages(spec, m, coefs[0] if coefs else None)
 
     def _output(self, final: bool) -> np.ndarray:
         """Apply mask and deep filter to every frame whose estimates and lookahead frames exist."""
@@ -191,26 +210,30 @@ class StreamingEnhancer:
             return np.zeros((c, 0), np.float32)
         lo = self.next_out - self.spec_start - self.df_past
         window = self.spec[:, lo : lo + self.df_past + n + self.df_la]
-        window = np.pad(window, ((0, 0), (0, self.df_past + n + self.df_la - window.shape[1]), (0, 0)))
+        if window.shape[1] < self.df_past + n + self.df_la:  # the end of the signal
+            window = np.pad(window, ((0, 0), (0, self.df_past + n + self.df_la - window.shape[1]), (0, 0)))
         spec_w = mx.array(_as_real(window))[:, None]
         pad = (self.df_past, self.df_la)
-        m = pad_axis(self.m[:, :, :n], 2, *pad)
-        coefs = pad_axis(self.coefs[:, :, :n], 2, *pad) if self.model.run_df else self.coefs
+        # hop by hop, every estimate is used at once: no slice of the pending ones
+        m = pad_axis(self.m if n == ready else self.m[:, :, :n], 2, *pad)
+        coefs = self.coefs
+        if self.model.run_df:
+            coefs = pad_axis(coefs if n == ready else coefs[:, :, :n], 2, *pad)
         apply = self._apply_compiled if n <= COMPILED_MAX_FRAMES else self._apply_stages
         out = np.array(apply(spec_w, m, *([coefs] if self.model.run_df else [])))
-        out = out[:, 0, self.df_past : self.df_past + n]
-        out = out[..., 0] + 1j * out[..., 1]
+        out = np.ascontiguousarray(out[:, 0, self.df_past : self.df_past + n]).view(np.complex64)[..., 0]
         if self.lim is not None:
             out = window[:, self.df_past : self.df_past + n] * self.lim + out * (1 - self.lim)
-        self.m = self.m[:, :, n:]
+        self.m = None if n == ready else self.m[:, :, n:]
         if self.model.run_df:
-            self.coefs = self.coefs[:, :, n:]
+            self.coefs = None if n == ready else self.coefs[:, :, n:]
         self.next_out += n
         drop = self.next_out - self.df_past - self.spec_start
         self.spec, self.spec_start = self.spec[:, drop:], self.spec_start + drop
-        out = out.astype(np.complex64)
+        out = out.astype(np.complex64, copy=False)
         return np.concatenate([st.synthesis(out[c : c + 1], reset=False) for c, st in enumerate(self.channel_states)])
 
 
 def _as_real(x: np.ndarray) -> np.ndarray:
-    return np.stack([x.real, x.imag], axis=-1).astype(np.float32)
+    """complex [...] -> float32 [..., 2] (real, imag): complex64's own memory layout."""
+    return np.ascontiguousarray(x, dtype=np.complex64).view(np.float32).reshape(*x.shape, 2)

@@ -1,5 +1,9 @@
 """Streaming enhancement equals offline enhancement for any chunking."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -164,3 +168,18 @@ def test_bad_chunk_shape(setup):
     model, df_state, *_ = setup
     with pytest.raises(ValueError, match="chunks must be"):
         StreamingEnhancer(model, df_state).process(np.zeros(480, np.float32))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="thread affinity is Linux's")
+def test_run_on_one_core_pins_every_thread_mlx_worker_included():
+    code = ("import os, mlx.core as mx\n"
+            "from df_mlx.streaming import run_on_one_core\n"
+            "mx.eval(mx.ones(3) + 1)  # MLX's CPU stream worker runs\n"
+            "cpu = run_on_one_core()\n"
+            "tasks = os.listdir('/proc/self/task')\n"
+            "assert len(tasks) > 1, tasks\n"
+            "assert all(os.sched_getaffinity(int(t)) == {cpu} for t in tasks)\n"
+            "print(float((mx.ones(3) * 2).sum()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "6.0"
