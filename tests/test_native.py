@@ -110,11 +110,41 @@ def test_the_native_matmul_runs_where_products_are_on(monkeypatch):
     calls = []
     monkeypatch.setattr(_native, "products", True)
     monkeypatch.setattr(layers, "_native_matmul", lambda a, b: calls.append(a.shape) or a @ b)
-    layers.linear(mx.ones((2, 3)), mx.ones((4, 3)))
-    assert calls == [(2, 3)]
+    long = (layers.COPY_WEIGHT_FROM_ROWS, 3)  # shorter products run the native linear anyway
+    layers.linear(mx.ones(long), mx.ones((4, 3)))
+    assert calls == [long]
     monkeypatch.setattr(_native, "products", False)
-    layers.linear(mx.ones((2, 3)), mx.ones((4, 3)))
-    assert calls == [(2, 3)]
+    layers.linear(mx.ones(long), mx.ones((4, 3)))
+    assert calls == [long]
+
+
+@needs_native
+@pytest.mark.parametrize("x_shape, w_shape", [((7,), (4, 7)), ((3, 7), (4, 7)), ((2, 3, 5, 7), (4, 7)),
+                                              ((2, 3, 6), (4, 1, 2, 3))], ids=["vector", "matrix", "4-D", "conv"])
+def test_native_linear_equals_mlx_and_has_its_gradient(x_shape, w_shape):
+    """x @ w.T for a torch-layout weight read where it is (a conv weight [O, kH, kW, I] as
+    [O, kH kW I]), with MLX's gradients."""
+    rng = np.random.default_rng(1)
+    x, w = (mx.array(rng.normal(size=s).astype(np.float32)) for s in (x_shape, w_shape))
+    ref_fn = lambda v, u: v @ u.reshape(u.shape[0], -1).T  # noqa: E731
+    got = layers._native_linear(x, w)
+    assert got.shape == ref_fn(x, w).shape
+    assert mx.abs(got - ref_fn(x, w)).max().item() < MATMUL_TOL * mx.abs(ref_fn(x, w)).max().item()
+    loss = lambda f: lambda v, u: (f(v, u) ** 2).sum()  # noqa: E731
+    grads = mx.compile(mx.grad(loss(layers._native_linear), argnums=(0, 1)))(x, w)
+    for g, r in zip(grads, mx.grad(loss(ref_fn), argnums=(0, 1))(x, w)):
+        assert g.shape == r.shape
+        assert mx.abs(g - r).max().item() < MATMUL_TOL * max(1.0, mx.abs(r).max().item())
+
+
+@needs_native
+def test_short_products_and_pointwise_convs_run_the_native_linear(native_calls):
+    """A streaming hop's products: linear layers and 1x1 convs of few rows."""
+    mx.eval(layers.linear(mx.ones((2, 3)), mx.ones((4, 3))),
+            layers.conv2d(mx.ones((1, 1, 8, 3)), mx.ones((4, 1, 1, 3))))
+    assert native_calls.count("linear") == 2
+    mx.eval(layers.linear(mx.ones((layers.COPY_WEIGHT_FROM_ROWS, 3)), mx.ones((4, 3))))
+    assert native_calls.count("linear") == 2
 
 
 def test_dfmlx_native_0_selects_the_pure_path():
@@ -453,7 +483,7 @@ def _strided_views(a: np.ndarray):
 
 @needs_native
 @pytest.mark.parametrize("op", ["tanh", "softmax", "gru_scan", "depthwise_conv2d", "grouped_conv2d", "matmul",
-                                "batched_matmul"])
+                                "batched_matmul", "linear"])
 def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
     """The ops copy non-contiguous inputs themselves (no Contiguous op in the graph): the result
     is bit for bit that of the dense input; the matmul reads a transposed b in place (BLAS's
@@ -470,6 +500,7 @@ def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
                            lambda x, w: m.grouped_conv2d(x, w, (2, 1, 1, 1, 1, 1, 1, 0, 0, 0), 2)),
         "matmul": ([(3, 9), (9, 5)], lambda a, b: m.matmul(a, b)),
         "batched_matmul": ([(1, 3, 9), (1, 9, 5)], lambda a, b: m.matmul(a, b)),
+        "linear": ([(1, 3, 9), (5, 9)], lambda x, w: m.linear(x, w)),
     }
     shapes, run = cases[op]
     arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]

@@ -13,7 +13,17 @@ mx::array matmul(const mx::array& a, const mx::array& b) {
   auto stream = cpu_stream("matmul", {a, b});
   auto shape = a.shape();
   shape.back() = b.shape(-1);
-  return mx::array(shape, mx::float32, std::make_shared<Matmul>(stream), {a, b});
+  return mx::array(shape, mx::float32, std::make_shared<Matmul>(stream, false), {a, b});
+}
+
+mx::array linear(const mx::array& x, const mx::array& w) {
+  require(x.ndim() >= 1 && w.ndim() >= 2, "linear", "expects x [..., K] and a weight [N, K] (or [N, ...] of K)");
+  require(static_cast<size_t>(x.shape(-1)) * w.shape(0) == w.size(), "linear", "inner sizes do not match");
+  require(x.size() > 0 && w.size() > 0, "linear", "empty operands");
+  auto stream = cpu_stream("linear", {x, w});
+  auto shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(shape, mx::float32, std::make_shared<Matmul>(stream, true), {x, w});
 }
 
 // b [.., K, N] laid out as the transpose of a dense [.., N, K] (a torch-layout weight's .T):
@@ -27,9 +37,13 @@ static bool dense_transposed(const mx::array& b) {
 
 void Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const auto& a_in = inputs[0];
-  const int batch = a_in.ndim() == 3 ? a_in.shape(0) : 1;
-  const int m = a_in.shape(-2), k = a_in.shape(-1), n = inputs[1].shape(-1);
-  const bool b_trans = dense_transposed(inputs[1]);
+  const int k = a_in.shape(-1);
+  const int batch = !linear_ && a_in.ndim() == 3 ? a_in.shape(0) : 1;
+  const int m = linear_ ? static_cast<int>(a_in.size() / k) : a_in.shape(-2);
+  const int n = linear_ ? inputs[1].shape(0) : inputs[1].shape(-1);
+  // linear's weight is read densely as [N, K]; matmul's b where it is if it is such a transpose
+  const bool in_place = !linear_ && dense_transposed(inputs[1]);
+  const bool b_trans = linear_ || in_place;
   queue_cpu_task(
       stream(), inputs, outputs,
       [&](const std::vector<const float*>& in) {
@@ -41,7 +55,7 @@ void Matmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::arra
           }
         };
       },
-      {false, b_trans});
+      {false, in_place});
 }
 
 void Matmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -49,12 +63,13 @@ void Matmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
 }
 
 bool Matmul::is_equivalent(const mx::Primitive& other) const {
-  return dynamic_cast<const Matmul*>(&other) != nullptr;
+  const auto* o = dynamic_cast<const Matmul*>(&other);
+  return o != nullptr && o->linear_ == linear_;
 }
 
 std::vector<mx::Shape> Matmul::output_shapes(const std::vector<mx::array>& inputs) {
   auto shape = inputs[0].shape();
-  shape.back() = inputs[1].shape(-1);
+  shape.back() = linear_ ? inputs[1].shape(0) : inputs[1].shape(-1);
   return {shape};
 }
 

@@ -39,6 +39,8 @@ NB_MODULE(_kernels, m) {
         "dw, top, bottom, left, right)");
   m.def("matmul", &dfmlx::matmul, nb::arg("a"), nb::arg("b"),
         "a [M, K] @ b [K, N], or a [G, M, K] @ b [G, K, N], on the bound BLAS (float32, CPU)");
+  m.def("linear", &dfmlx::linear, nb::arg("x"), nb::arg("w"),
+        "x [..., K] @ w.T for a weight w [N, K] or [N, ...] of K (torch's F.linear without bias), on the bound BLAS");
   m.def("activation", &dfmlx::activation, nb::arg("x"), nb::arg("kind"),
         "tanh (kind 0) or sigmoid (kind 1) elementwise (float32, CPU)");
   m.def("softmax", &dfmlx::softmax, nb::arg("x"), "Softmax over the last axis (float32, CPU)");
