@@ -62,11 +62,16 @@ def linear(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> mx
     ones run on the native op where it can, which reads the weight as it is: no transposed
     view in the graph, one op fewer per product of a streaming hop."""
     rows = x.size // max(x.shape[-1], 1)
-    if 0 < rows < COPY_WEIGHT_FROM_ROWS and weight.size and _native.usable(x, weight):
+    if _runs_native_linear(x, weight, rows):
         y = _native_linear(x, weight)
     else:
         y = matmul(x, _weight_operand(weight.T, rows))
     return y if bias is None else y + bias
+
+
+def _runs_native_linear(x: mx.array, weight: mx.array, rows: int) -> bool:
+    """Whether a product of `rows` rows runs on the native linear: a short, non-empty one."""
+    return 0 < rows < COPY_WEIGHT_FROM_ROWS and weight.size > 0 and _native.usable(x, weight)
 
 
 @_native.differentiable
@@ -528,7 +533,7 @@ def _dense_conv2d(x: mx.array, w: mx.array, out_hw, stride, dilation) -> mx.arra
     cols = _conv_taps(x, (kh, kw), out_hw, stride, dilation)
     cols = cols[0] if taps == 1 else mx.concatenate(cols, axis=-1)  # [B, H', W', taps I]
     rows = cols.size // (taps * in_ch)
-    if rows < COPY_WEIGHT_FROM_ROWS and _native.usable(cols, w):
+    if _runs_native_linear(cols, w, rows):
         return _native_linear(cols, w)  # w [O, kH, kW, I] read as [O, taps I]
     y = matmul(cols.reshape(rows, taps * in_ch), _weight_operand(w.reshape(out_ch, taps * in_ch).T, rows))
     return y.reshape(b, h_out, w_out, out_ch)

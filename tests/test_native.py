@@ -145,6 +145,10 @@ def test_short_products_and_pointwise_convs_run_the_native_linear(native_calls):
     assert native_calls.count("linear") == 2
     mx.eval(layers.linear(mx.ones((layers.COPY_WEIGHT_FROM_ROWS, 3)), mx.ones((4, 3))))
     assert native_calls.count("linear") == 2
+    # empty products (no frames yet) stay MLX's
+    assert layers.linear(mx.ones((0, 3)), mx.ones((4, 3))).shape == (0, 4)
+    assert layers.conv2d(mx.ones((1, 0, 8, 3)), mx.ones((4, 1, 1, 3))).shape == (1, 0, 8, 4)
+    assert native_calls.count("linear") == 2
 
 
 def test_dfmlx_native_0_selects_the_pure_path():
