@@ -369,12 +369,14 @@ def test_batch_smaller_than_the_world_is_refused(data, tmp_path):
     """A configured batch with fewer items than ranks (2 over 3) stops every rank at once."""
     base = _write_base(tmp_path / "three", TRAIN_INI)
     output = launch(3, *_train_args(data, base), timeout=300)
+    # mlx.launch relays each rank's stderr as it comes, so a rank's line can follow the launcher's
+    # own "[WARN] Node ... exited" on the same line: look for the message anywhere in a line
     lines = output.splitlines()
-    assert any(x.startswith("Error: rank") and "batch_size = 2 is smaller than the 3 ranks" in x
+    assert any("Error: rank" in x and "batch_size = 2 is smaller than the 3 ranks" in x
                for x in lines), output[-3000:]
     # every rank stops: its own check, or the launcher's SIGTERM after the first (before a rank
     # has joined the group, SIGTERM ends it as usual and the launcher reports its exit code)
-    stopped = [any(x.startswith(f"Error: rank {r}:") or f"Node with rank {r} exited with code" in x for x in lines)
+    stopped = [any(f"Error: rank {r}:" in x or f"Node with rank {r} exited with code" in x for x in lines)
                for r in range(3)]
     assert all(stopped), output[-3000:]
     assert not (base / "checkpoints").exists() or not list((base / "checkpoints").iterdir())
