@@ -14,7 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from df_mlx import _native
-from df_mlx.layers import GRU, BatchNorm2d, ConstantPad2d, Conv2d, ConvTranspose2d, matmul, pad_axis
+from df_mlx.layers import GRU, BatchNorm2d, ConstantPad2d, Conv2d, ConvTranspose2d, folds_layers, matmul, pad_axis
 from df_mlx.libdf import unit_norm_init
 from df_mlx.model import ModelParams
 from df_mlx.utils import as_complex, as_real, get_device, get_norm_alpha  # noqa: F401  (re-exported, as df.modules)
@@ -71,8 +71,20 @@ class Sequential(nn.Module):
         return super().__getitem__(self._order[key] if isinstance(key, int) else key)
 
     def __call__(self, x):
-        for name in self._order:
-            x = self[name](x)
+        return self.run_from(0, x)
+
+    def run_from(self, start: int, x):
+        """Children start.. in order; outside `layer_by_layer()` an eval-mode BatchNorm2d runs
+        with the ReLU after it in one pass over x."""
+        names = self._order[start:]
+        i = 0
+        while i < len(names):
+            layer = self[names[i]]
+            if (i + 1 < len(names) and isinstance(layer, BatchNorm2d) and not layer.training
+                    and isinstance(self[names[i + 1]], nn.ReLU) and folds_layers()):
+                x, i = layer(x, relu=True), i + 2
+            else:
+                x, i = layer(x), i + 1
         return x
 
 
@@ -131,10 +143,7 @@ class Conv2dNormAct(Sequential):
         time_pad = first.foldable_time_pad() if isinstance(first, ConstantPad2d) else None
         if time_pad is None:
             return super().__call__(x)
-        x = self[1](x, time_pad=time_pad)
-        for name in self._order[2:]:
-            x = self[name](x)
-        return x
+        return self.run_from(2, self[1](x, time_pad=time_pad))
 
 
 class ConvTranspose2dNormAct(Sequential):

@@ -345,21 +345,28 @@ def test_conv_modules_run_the_native_ops(native_calls):
 @needs_native
 @pytest.mark.parametrize("in_ch, out_ch, kernel, separable", [(2, 16, (3, 3), True), (16, 10, (5, 1), True),
                                                                (1, 8, (3, 3), False)])
-def test_causal_conv_blocks_fold_the_time_pad_into_the_conv(in_ch, out_ch, kernel, separable, monkeypatch):
+def test_causal_conv_blocks_fold_the_time_pad_and_the_norm_relu(in_ch, out_ch, kernel, separable, monkeypatch):
     from df_mlx.modules import Conv2dNormAct
 
     block = Conv2dNormAct(in_ch, out_ch, kernel, separable=separable)
     block.eval()
+    norm = block[len(block) - 2]  # BatchNorm2d, then ReLU: folded into one pass (x * scale + shift)
+    norm.running_mean, norm.running_var = mx.random.normal((out_ch,)), mx.random.uniform(0.5, 2.0, (out_ch,))
+    norm.weight, norm.bias = mx.random.normal((out_ch,)), mx.random.normal((out_ch,))
     x = mx.random.normal((2, 7, 12, in_ch))
     pads = []
     real_pad = layers.pad_axis
     monkeypatch.setattr(layers, "pad_axis",
                         lambda x, axis, *a, **k: pads.append((axis, *a[:2])) or real_pad(x, axis, *a, **k))
+    fused = []
+    real_fused = layers._scale_shift_relu
+    monkeypatch.setattr(layers, "_scale_shift_relu", lambda *a: fused.append(1) or real_fused(*a))
     folded = block(x)
     assert (1, kernel[0] - 1, 0) not in pads  # no padded copy of x along time
+    assert len(fused) == 1
     with layers.layer_by_layer():
         by_layer = block(x)
-    assert (1, kernel[0] - 1, 0) in pads
+    assert (1, kernel[0] - 1, 0) in pads and len(fused) == 1
     _close(folded, by_layer, GROUPED_TOL)
 
 
