@@ -429,9 +429,8 @@ def _native_depthwise(geometry, pure, flip: bool):
 
     @_native.differentiable
     def conv(x, w):
-        out_ch, kh, kw, _ = w.shape
-        taps = (w[:, ::-1, ::-1] if flip else w).reshape(out_ch, kh * kw).T
-        return _native.module.depthwise_conv2d(x, taps, geometry(kh, kw))
+        _, kh, kw, _ = w.shape
+        return _native.module.depthwise_conv2d(x, w, geometry(kh, kw), flip)
 
     @conv.vjp
     def conv_vjp(primals, cotangent, _output):

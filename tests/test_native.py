@@ -505,7 +505,7 @@ def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
         "tanh": ([(1, 6, 9)], lambda x: m.activation(x, 0)),
         "softmax": ([(1, 5, 7)], lambda x: m.softmax(x)),
         "gru_scan": ([(4, 1, 24), (1, 8), (24, 8), (24,)], lambda *a: m.gru_scan(*a)[0]),
-        "depthwise_conv2d": ([(1, 5, 6, 4), (6, 4)],
+        "depthwise_conv2d": ([(1, 5, 6, 4), (4, 2, 3, 1)],
                              lambda x, w: m.depthwise_conv2d(x, w, (2, 3, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1))),
         "grouped_conv2d": ([(1, 5, 6, 4), (6, 2, 1, 2)],
                            lambda x, w: m.grouped_conv2d(x, w, (2, 1, 1, 1, 1, 1, 1, 0, 0, 0), 2)),

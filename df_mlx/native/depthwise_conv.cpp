@@ -66,21 +66,21 @@ void check(bool ok, const std::string& what) {
 
 }  // namespace
 
-mx::array depthwise_conv2d(const mx::array& x, const mx::array& w, std::array<int, 12> geometry) {
+mx::array depthwise_conv2d(const mx::array& x, const mx::array& w, std::array<int, 12> geometry, bool flip) {
   const Geometry g = unpack(geometry);
-  check(x.ndim() == 4 && w.ndim() == 2, "expects x [B, H, W, C] and w [kh kw, C]");
+  check(x.ndim() == 4 && w.ndim() == 4, "expects x [B, H, W, C] and w [C, kh, kw, 1]");
   check(g.kh > 0 && g.kw > 0 && g.sh > 0 && g.sw > 0 && g.dh > 0 && g.dw > 0 && g.uh > 0 && g.uw > 0 &&
             g.top >= 0 && g.bottom >= 0 && g.left >= 0 && g.right >= 0,
         "bad kernel geometry");
   const int channels = x.shape(3);
-  check(w.shape(0) == g.kh * g.kw && channels > 0 && w.shape(1) == channels,
+  check(channels > 0 && w.shape(0) == channels && w.shape(1) == g.kh && w.shape(2) == g.kw && w.shape(3) == 1,
         "weight shape does not match");
   const int out_h = g.out_h(x.shape(1)), out_w = g.out_w(x.shape(2));
   check(x.shape(0) > 0 && x.shape(1) > 0 && x.shape(2) > 0 && out_h > 0 && out_w > 0,
         "empty input or output");
   auto stream = cpu_stream("depthwise_conv2d", {x, w});
-  return mx::array({x.shape(0), out_h, out_w, w.shape(1)}, mx::float32,
-                   std::make_shared<DepthwiseConv2d>(stream, geometry), {x, w});
+  return mx::array({x.shape(0), out_h, out_w, channels}, mx::float32,
+                   std::make_shared<DepthwiseConv2d>(stream, geometry, flip), {x, w});
 }
 
 void DepthwiseConv2d::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -89,13 +89,21 @@ void DepthwiseConv2d::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   const int batch = x.shape(0), height = x.shape(1), width = x.shape(2), channels = x.shape(3);
   const int out_h = y.shape(1), out_w = y.shape(2);
   queue_cpu_task(stream(), inputs, outputs, [&](const std::vector<const float*>& in) {
-    return [x = in[0], w = in[1], y = outputs[0].data<float>(), batch,
-            height, width, channels, out_h, out_w, g = unpack(geometry_)]() {
+    return [x = in[0], w = in[1], y = outputs[0].data<float>(), batch, height, width, channels, out_h,
+            out_w, g = unpack(geometry_), flip = flip_]() {
+      // the rows read taps-major weights [kh kw, C]: a few hundred floats, laid out per call
+      const int n_taps = g.kh * g.kw;
+      std::vector<float> taps(static_cast<size_t>(n_taps) * channels);
+      for (int c = 0; c < channels; ++c) {
+        for (int t = 0; t < n_taps; ++t) {
+          taps[static_cast<size_t>(t) * channels + c] = w[static_cast<size_t>(c) * n_taps + (flip ? n_taps - 1 - t : t)];
+        }
+      }
       const size_t in_image = static_cast<size_t>(height) * width * channels;
       const size_t out_row = static_cast<size_t>(out_w) * channels;
       for (int b = 0; b < batch; ++b) {
         for (int p = 0; p < out_h; ++p) {
-          depthwise_row(x + b * in_image, w, y + (static_cast<size_t>(b) * out_h + p) * out_row, p,
+          depthwise_row(x + b * in_image, taps.data(), y + (static_cast<size_t>(b) * out_h + p) * out_row, p,
                         height, width, channels, out_w, &g);
         }
       }
@@ -109,13 +117,13 @@ void DepthwiseConv2d::eval_gpu(const std::vector<mx::array>&, std::vector<mx::ar
 
 bool DepthwiseConv2d::is_equivalent(const mx::Primitive& other) const {
   const auto* o = dynamic_cast<const DepthwiseConv2d*>(&other);
-  return o != nullptr && o->geometry_ == geometry_;
+  return o != nullptr && o->geometry_ == geometry_ && o->flip_ == flip_;
 }
 
 std::vector<mx::Shape> DepthwiseConv2d::output_shapes(const std::vector<mx::array>& inputs) {
   const Geometry g = unpack(geometry_);
   const auto& x = inputs[0];
-  return {{x.shape(0), g.out_h(x.shape(1)), g.out_w(x.shape(2)), inputs[1].shape(1)}};
+  return {{x.shape(0), g.out_h(x.shape(1)), g.out_w(x.shape(2)), x.shape(3)}};
 }
 
 }  // namespace dfmlx

@@ -31,8 +31,10 @@ NB_MODULE(_kernels, m) {
         nb::arg("b"), nb::arg("c"), nb::arg("h0"),
         "Mamba's selective scan over x, delta [B, L, D]: [y [B, L, D], h_L [B, D, N]]");
   m.def("depthwise_conv2d", &dfmlx::depthwise_conv2d, nb::arg("x"), nb::arg("w"), nb::arg("geometry"),
-        "Depthwise conv of x [B, H, W, C] with taps-major w [kh kw, C]; geometry (kh, kw, sh, sw, "
-        "dh, dw, uh, uw, top, bottom, left, right): u input dilation, then padding");
+        nb::arg("flip") = false,
+        "Depthwise conv of x [B, H, W, C] with w [C, kh, kw, 1] (flip: the kernel reversed in both "
+        "axes); geometry (kh, kw, sh, sw, dh, dw, uh, uw, top, bottom, left, right): u input dilation, "
+        "then padding");
   m.def("grouped_conv2d", &dfmlx::grouped_conv2d, nb::arg("x"), nb::arg("w"), nb::arg("geometry"),
         nb::arg("groups"),
         "Grouped conv of x [B, H, W, C] with w [O, kh, kw, C/groups]; geometry (kh, kw, sh, sw, dh, "
