@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -33,6 +34,8 @@ SIGMOID_ULP = 3.0  # df_mlx/native/fastmath.h's stated bounds
 TANH_ULP = 2.0
 # the same analytic activation gradient on outputs a few ulp apart, up to |g| ~ 4
 ACTIVATION_GRAD_TOL = 1e-5
+AFFINE_TOL = 1e-6  # x * scale + shift of |values| ~ 5 rounded once (FMA) instead of twice
+AFFINE_GRAD_TOL = 1e-5  # the parameter gradients are sums over up to 64000 rows in another order
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the native extension is built on Linux")
 needs_native = pytest.mark.skipif(_native.module is None, reason=f"native ops unavailable: {_native.reason}")
 
@@ -359,14 +362,14 @@ def test_causal_conv_blocks_fold_the_time_pad_and_the_norm_relu(in_ch, out_ch, k
     monkeypatch.setattr(layers, "pad_axis",
                         lambda x, axis, *a, **k: pads.append((axis, *a[:2])) or real_pad(x, axis, *a, **k))
     fused = []
-    real_fused = layers._scale_shift_relu
-    monkeypatch.setattr(layers, "_scale_shift_relu", lambda *a: fused.append(1) or real_fused(*a))
+    real_affine = layers.channel_affine
+    monkeypatch.setattr(layers, "channel_affine", lambda *a: fused.append(a[3:] == (True,)) or real_affine(*a))
     folded = block(x)
     assert (1, kernel[0] - 1, 0) not in pads  # no padded copy of x along time
-    assert len(fused) == 1
+    assert fused == [True]  # BatchNorm2d with the ReLU
     with layers.layer_by_layer():
         by_layer = block(x)
-    assert (1, kernel[0] - 1, 0) in pads and len(fused) == 1
+    assert (1, kernel[0] - 1, 0) in pads and fused == [True, False]
     _close(folded, by_layer, GROUPED_TOL)
 
 
@@ -403,6 +406,25 @@ def test_native_activations_within_their_bounds_with_the_mlx_gradient(ours, exac
     assert native_calls.count("activation") == 1
     g = mx.random.normal(x.shape)
     _close(mx.vjp(ours, [x], [g])[1][0], mx.vjp(theirs, [x], [g])[1][0], ACTIVATION_GRAD_TOL)
+
+
+@needs_native
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("shape", [(2, 7, 12, 16), (5, 3), (1, 1, 1000, 64)])
+def test_native_channel_affine_equals_the_mlx_ops_with_their_gradients(shape, relu, native_calls):
+    rng = np.random.default_rng(4)
+    x, g = (mx.array(rng.standard_normal(shape).astype(np.float32)) for _ in range(2))
+    scale, shift = (mx.array(rng.standard_normal(shape[-1]).astype(np.float32)) for _ in range(2))
+    x[..., 0, 0] = float("nan")  # stays NaN through the ReLU, as torch's relu
+    pure = lambda x, s, t: nn.relu(x * s + t) if relu else x * s + t  # noqa: E731
+    got, want = layers.channel_affine(x, scale, shift, relu), pure(x, scale, shift)
+    assert native_calls.count("channel_affine") == 1
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=AFFINE_TOL)
+    loss = lambda f: lambda *a: (f(*a) * g).sum()  # noqa: E731
+    x = mx.where(mx.isnan(x), 0, x)
+    for got, want in zip(mx.grad(loss(lambda *a: layers.channel_affine(*a, relu)), argnums=(0, 1, 2))(x, scale, shift),
+                         mx.grad(loss(pure), argnums=(0, 1, 2))(x, scale, shift)):
+        _close(got, want, AFFINE_GRAD_TOL)
 
 
 @needs_native
@@ -493,7 +515,7 @@ def _strided_views(a: np.ndarray):
 
 
 @needs_native
-@pytest.mark.parametrize("op", ["tanh", "softmax", "gru_scan", "depthwise_conv2d", "grouped_conv2d", "matmul",
+@pytest.mark.parametrize("op", ["tanh", "softmax", "channel_affine", "gru_scan", "depthwise_conv2d", "grouped_conv2d", "matmul",
                                 "batched_matmul", "linear"])
 def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
     """The ops copy non-contiguous inputs themselves (no Contiguous op in the graph): the result
@@ -504,6 +526,7 @@ def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
     cases = {
         "tanh": ([(1, 6, 9)], lambda x: m.activation(x, 0)),
         "softmax": ([(1, 5, 7)], lambda x: m.softmax(x)),
+        "channel_affine": ([(1, 5, 6), (6,), (6,)], lambda x, s, t: m.channel_affine(x, s, t, True)),
         "gru_scan": ([(4, 1, 24), (1, 8), (24, 8), (24,)], lambda *a: m.gru_scan(*a)[0]),
         "depthwise_conv2d": ([(1, 5, 6, 4), (4, 2, 3, 1)],
                              lambda x, w: m.depthwise_conv2d(x, w, (2, 3, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1))),

@@ -1,6 +1,7 @@
 // df_mlx._kernels: the native recurrences (GRU, selective scan), depthwise and grouped
-// convolutions, tanh, sigmoid, softmax and dense products as functions on mx.array (nanobind,
-// domain "mlx", so that mlx.core's array type is shared).
+// convolutions, tanh, sigmoid, softmax, per-channel affine maps and dense
+// products as functions on mx.array (nanobind, domain "mlx", so that mlx.core's array type is
+// shared).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/array.h>
 #include <nanobind/stl/string.h>
@@ -8,6 +9,7 @@
 
 #include "activation.h"
 #include "blas.h"
+#include "channel_affine.h"
 #include "depthwise_conv.h"
 #include "grouped_conv.h"
 #include "gru.h"
@@ -45,6 +47,9 @@ NB_MODULE(_kernels, m) {
         "x [..., K] @ w.T for a weight w [N, K] or [N, ...] of K (torch's F.linear without bias), on the bound BLAS");
   m.def("activation", &dfmlx::activation, nb::arg("x"), nb::arg("kind"),
         "tanh (kind 0) or sigmoid (kind 1) elementwise (float32, CPU)");
+  m.def("channel_affine", &dfmlx::channel_affine, nb::arg("x"), nb::arg("scale"), nb::arg("shift"),
+        nb::arg("relu") = false,
+        "x [..., C] * scale [C] + shift [C], with relu then max(., 0) (float32, CPU)");
   m.def("softmax", &dfmlx::softmax, nb::arg("x"), "Softmax over the last axis (float32, CPU)");
   m.def("bind_blas", &dfmlx::bind_blas, nb::arg("path"), nb::arg("prefix") = "",
         "Bind {prefix}cblas_sgemv/sgemm from a shared library; returns '' or why not");
