@@ -1,8 +1,10 @@
 """df-mlx: DeepFilterNet in MLX, mirroring the PyTorch package `df` module for module."""
 
 from df_mlx._blas import use_fast_blas
+from df_mlx._malloc import keep_freed_memory
 
 use_fast_blas()  # before anything imports mlx.core: see df_mlx/_blas.py
+keep_freed_memory()  # MLX's CPU buffers stay in the heap: see df_mlx/_malloc.py
 
 import warnings  # noqa: E402
 
