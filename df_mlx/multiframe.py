@@ -15,12 +15,14 @@ they read assets from df's source tree and need icecream and torchaudio, so the 
 cannot run them here to check a port.
 """
 
+import functools
 from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from df_mlx.layers import pad_axis
+from df_mlx import _native
+from df_mlx.layers import folds_layers, pad_axis
 from df_mlx.utils import as_complex, as_real
 
 
@@ -199,7 +201,10 @@ class DF(MultiFrameModule):
 
     def __call__(self, spec: mx.array, coefs: mx.array) -> mx.array:
         if _real_pairs(spec) and _real_pairs(coefs) and self.need_unfold:
-            return self._filter_real_pairs(spec, coefs)
+            if folds_layers() and self._native_fits(spec, coefs):
+                return _native_deep_filter(self.num_freqs, self.frame_size, self.pad.before, self.pad.after,
+                                           self.conj)(spec, coefs)
+            return _filter_real_pairs(spec, coefs, self.pad, self.num_freqs, self.frame_size, self.conj)
         spec_u = self.spec_unfold(as_complex(spec))
         coefs = _split_frames(as_complex(coefs), self.frame_size)
         spec_f = _narrow(spec_u, -2, self.num_freqs, "DF")
@@ -207,15 +212,45 @@ class DF(MultiFrameModule):
             coefs = mx.conj(coefs)
         return _assign_low_bins(spec, as_real(df(spec_f, coefs)), self.num_freqs)
 
-    def _filter_real_pairs(self, spec: mx.array, coefs: mx.array) -> mx.array:
-        """The same filter on [..., 2] pairs: only the filtered bins are unfolded and the complex
-        products are written out in real arithmetic in one compiled kernel (MLX's CPU complex64
-        ops and gathers are slow); the products and their sum over the frames are the complex
-        einsum's. The padding stays df's complex one (the parity tracer compares it)."""
-        padded = as_real(_narrow(self.pad(as_complex(spec)), -1, self.num_freqs, "DF"))  # [B, C, T', F', 2]
-        spec_u = _unfold(padded, -3, self.frame_size)
-        coefs = mx.moveaxis(_split_frames(coefs, self.frame_size), 2, -1)  # [B, C, T, F', 2, N]
-        return _assign_low_bins(spec, _deep_filter_pairs(spec_u, coefs, -1.0 if self.conj else 1.0), self.num_freqs)
+    def _native_fits(self, spec: mx.array, coefs: mx.array) -> bool:
+        """Whether the native deep filter computes this call: spec [B, C, T, F >= F', 2], coefs
+        [B, C*N, T, F', 2] with F' = num_freqs, float32 on the CPU. Outside `layer_by_layer()`
+        only, so that the parity tracer still sees the padding."""
+        return (spec.ndim == coefs.ndim == 5 and coefs.shape[0] == spec.shape[0]
+                and coefs.shape[1] == spec.shape[1] * self.frame_size and coefs.shape[2] == spec.shape[2]
+                and coefs.shape[3] == self.num_freqs <= spec.shape[3] and spec.size > 0
+                and _native.usable(spec, coefs))
+
+
+def _filter_real_pairs(spec: mx.array, coefs: mx.array, pad, num_freqs: int, frame_size: int,
+                       conj: bool) -> mx.array:
+    """DF on [..., 2] pairs in MLX ops: only the filtered bins are unfolded and the complex
+    products are written out in real arithmetic in one compiled kernel (MLX's CPU complex64 ops
+    and gathers are slow); the products and their sum over the frames are the complex einsum's.
+    The padding `pad` stays df's complex one (the parity tracer compares DF.pad's output)."""
+    padded = as_real(_narrow(pad(as_complex(spec)), -1, num_freqs, "DF"))  # [B, C, T', F', 2]
+    spec_u = _unfold(padded, -3, frame_size)
+    coefs = mx.moveaxis(_split_frames(coefs, frame_size), 2, -1)  # [B, C, T, F', 2, N]
+    return _assign_low_bins(spec, _deep_filter_pairs(spec_u, coefs, -1.0 if conj else 1.0), num_freqs)
+
+
+@functools.lru_cache(maxsize=None)
+def _native_deep_filter(num_freqs: int, frame_size: int, before: int, after: int, conj: bool):
+    """The native deep filter (native/deep_filter.h) for one geometry, whose gradient is
+    `_filter_real_pairs`'s."""
+
+    def pure(spec, coefs):
+        return _filter_real_pairs(spec, coefs, lambda x: pad_axis(x, -2, before, after), num_freqs, frame_size, conj)
+
+    @_native.differentiable
+    def deep_filter(spec, coefs):
+        return _native.module.deep_filter(spec, coefs, frame_size, before, conj)
+
+    @deep_filter.vjp
+    def deep_filter_vjp(primals, cotangent, _output):
+        return tuple(mx.vjp(pure, list(primals), [cotangent])[1])
+
+    return deep_filter
 
 
 class DFreal(MultiFrameModule):

@@ -36,6 +36,7 @@ TANH_ULP = 2.0
 ACTIVATION_GRAD_TOL = 1e-5
 AFFINE_TOL = 1e-6  # x * scale + shift of |values| ~ 5 rounded once (FMA) instead of twice
 AFFINE_GRAD_TOL = 1e-5  # the parameter gradients are sums over up to 64000 rows in another order
+DEEP_FILTER_TOL = 1e-6  # sums of frame_size complex products in the same order (relative to the largest)
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="the native extension is built on Linux")
 needs_native = pytest.mark.skipif(_native.module is None, reason=f"native ops unavailable: {_native.reason}")
 
@@ -428,6 +429,29 @@ def test_native_channel_affine_equals_the_mlx_ops_with_their_gradients(shape, re
 
 
 @needs_native
+# (B, C, T, F, F', frame_size, lookahead, conj): DFN3's, conjugated, two channels with a
+# lookahead past the frame size (df crops then), more frames than the signal has
+@pytest.mark.parametrize("b, c, t, f, nf, n, lookahead, conj", [(1, 1, 300, 481, 96, 5, 2, False),
+                                                                (2, 1, 7, 20, 6, 3, 0, True),
+                                                                (1, 2, 9, 10, 10, 4, 5, False),
+                                                                (1, 1, 3, 8, 4, 5, 1, False)])
+def test_native_deep_filter_equals_the_mlx_ops_with_their_gradient(b, c, t, f, nf, n, lookahead, conj, native_calls):
+    from df_mlx.multiframe import DF
+
+    rng = np.random.default_rng(6)
+    op = DF(nf, n, lookahead, conj)
+    spec, coefs = (mx.array(rng.standard_normal(s).astype(np.float32)) for s in ((b, c, t, f, 2), (b, c * n, t, nf, 2)))
+    g = mx.array(rng.standard_normal(spec.shape).astype(np.float32))
+    native, native_grads = mx.vjp(op, [spec, coefs], [g])
+    assert native_calls.count("deep_filter") == 1
+    with layers.layer_by_layer():  # the MLX ops, as the parity tracer runs them
+        pure, pure_grads = mx.vjp(op, [spec, coefs], [g])
+    _close(native[0], pure[0], DEEP_FILTER_TOL)
+    for got, want in zip(native_grads, pure_grads):
+        _close(got, want, DEEP_FILTER_TOL)
+
+
+@needs_native
 def test_activation_modules_run_the_native_op(native_calls):
     mx.eval(layers.Tanh()(mx.ones((2, 3))), layers.Sigmoid()(mx.ones((2, 3))))
     assert native_calls.count("activation") == 2
@@ -515,7 +539,7 @@ def _strided_views(a: np.ndarray):
 
 
 @needs_native
-@pytest.mark.parametrize("op", ["tanh", "softmax", "channel_affine", "gru_scan", "depthwise_conv2d", "grouped_conv2d", "matmul",
+@pytest.mark.parametrize("op", ["tanh", "softmax", "channel_affine", "deep_filter", "gru_scan", "depthwise_conv2d", "grouped_conv2d", "matmul",
                                 "batched_matmul", "linear"])
 def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
     """The ops copy non-contiguous inputs themselves (no Contiguous op in the graph): the result
@@ -527,6 +551,7 @@ def test_native_ops_read_strided_inputs_as_their_dense_copies(op):
         "tanh": ([(1, 6, 9)], lambda x: m.activation(x, 0)),
         "softmax": ([(1, 5, 7)], lambda x: m.softmax(x)),
         "channel_affine": ([(1, 5, 6), (6,), (6,)], lambda x, s, t: m.channel_affine(x, s, t, True)),
+        "deep_filter": ([(1, 1, 6, 5, 2), (1, 3, 6, 4, 2)], lambda x, w: m.deep_filter(x, w, 3, 1, True)),
         "gru_scan": ([(4, 1, 24), (1, 8), (24, 8), (24,)], lambda *a: m.gru_scan(*a)[0]),
         "depthwise_conv2d": ([(1, 5, 6, 4), (4, 2, 3, 1)],
                              lambda x, w: m.depthwise_conv2d(x, w, (2, 3, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1))),

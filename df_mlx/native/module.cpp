@@ -1,5 +1,5 @@
 // df_mlx._kernels: the native recurrences (GRU, selective scan), depthwise and grouped
-// convolutions, tanh, sigmoid, softmax, per-channel affine maps and dense
+// convolutions, the deep filter, tanh, sigmoid, softmax, per-channel affine maps and dense
 // products as functions on mx.array (nanobind, domain "mlx", so that mlx.core's array type is
 // shared).
 #include <nanobind/nanobind.h>
@@ -10,6 +10,7 @@
 #include "activation.h"
 #include "blas.h"
 #include "channel_affine.h"
+#include "deep_filter.h"
 #include "depthwise_conv.h"
 #include "grouped_conv.h"
 #include "gru.h"
@@ -32,6 +33,10 @@ NB_MODULE(_kernels, m) {
   m.def("selective_scan", &dfmlx::selective_scan, nb::arg("x"), nb::arg("delta"), nb::arg("a"),
         nb::arg("b"), nb::arg("c"), nb::arg("h0"),
         "Mamba's selective scan over x, delta [B, L, D]: [y [B, L, D], h_L [B, D, N]]");
+  m.def("deep_filter", &dfmlx::deep_filter, nb::arg("spec"), nb::arg("coefs"), nb::arg("frame_size"),
+        nb::arg("before"), nb::arg("conj") = false,
+        "Deep filter of spec [B, C, T, F, 2] with coefs [B, C*N, T, F', 2] over frames t - before .. "
+        "t - before + N - 1; bins from F' on pass through");
   m.def("depthwise_conv2d", &dfmlx::depthwise_conv2d, nb::arg("x"), nb::arg("w"), nb::arg("geometry"),
         nb::arg("flip") = false,
         "Depthwise conv of x [B, H, W, C] with w [C, kh, kw, 1] (flip: the kernel reversed in both "
