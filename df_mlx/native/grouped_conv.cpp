@@ -1,5 +1,6 @@
 #include "grouped_conv.h"
 
+#include <cstring>
 #include <string>
 
 #include "cpu_task.h"
@@ -12,9 +13,26 @@ namespace {
 // Lanes of the dot-product form: one fixed width in every SIMD variant, so all give equal sums.
 constexpr int kLanes = 16;
 constexpr int kMaxTaps = 16;
-// Outputs of a group that the dot-product form computes together from one load of the input
-// (the last 1-5 of a group together too).
-constexpr int kOutputBlock = 4;
+// Outputs of a group that the dot-product form computes together from one load of the input:
+// their accumulators stay in registers (6 x 16 lanes: 6 zmm, or 12 of AVX2's 16 ymm).
+constexpr int kOutputBlock = 6;
+
+// kLanes floats as one GCC vector: AVX-512 holds it in one register, AVX2 in two, the baseline
+// in four, and the compiler keeps a few of them in registers (a float[N][kLanes] array went to
+// the stack: every multiply-add waited on a store and a load).
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+typedef float Lanes8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float Lanes4 __attribute__((vector_size(4 * sizeof(float))));
+typedef float Lanes2 __attribute__((vector_size(2 * sizeof(float))));
+
+// The sum of a's lanes, added pairwise: lane l + lane l + 8, then + 4, + 2, + 1 (vector halves).
+DFMLX_INLINE float lane_sum(const Lanes& a) {
+  const Lanes8 b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Lanes4 c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+  const Lanes2 d = __builtin_shufflevector(c, c, 0, 1) + __builtin_shufflevector(c, c, 2, 3);
+  return d[0] + d[1];
+}
 
 // The dot-product form needs whole lanes of input channels per group.
 bool dot_form(int in_per_group) { return in_per_group % kLanes == 0; }
@@ -51,26 +69,24 @@ DFMLX_INLINE const float* tap_pixel(const float* x, int p, int q, int i, int j, 
 template <int N>
 DFMLX_INLINE void dot_outputs(const float* const* pixels, int offset, const float* __restrict w, int o,
                               int taps, int ipg, float* __restrict y) {
-  float acc[N][kLanes] = {};
+  Lanes acc[N];
+#pragma GCC unroll 8
+  for (int n = 0; n < N; ++n) acc[n] = Lanes{};
   for (int t = 0; t < taps; ++t) {
     if (pixels[t] == nullptr) continue;
     const float* __restrict xt = pixels[t] + offset;
     for (int c = 0; c < ipg; c += kLanes) {
+      Lanes xv, wv;
+      std::memcpy(&xv, xt + c, sizeof xv);
+#pragma GCC unroll 8
       for (int n = 0; n < N; ++n) {
-        const float* __restrict wt = w + (static_cast<size_t>(o + n) * taps + t) * ipg + c;
-        for (int l = 0; l < kLanes; ++l) acc[n][l] = acc[n][l] + xt[c + l] * wt[l];
+        std::memcpy(&wv, w + (static_cast<size_t>(o + n) * taps + t) * ipg + c, sizeof wv);
+        acc[n] = acc[n] + xv * wv;
       }
     }
   }
-  for (int n = 0; n < N; ++n) {
-    float* a = acc[n];
-#pragma GCC unroll 4
-    for (int width = kLanes / 2; width > 0; width /= 2) {
 #pragma GCC unroll 8
-      for (int l = 0; l < width; ++l) a[l] = a[l] + a[l + width];
-    }
-    y[o + n] = a[0];
-  }
+  for (int n = 0; n < N; ++n) y[o + n] = lane_sum(acc[n]);
 }
 
 // Many input channels per group (a multiple of kLanes): each output a dot product over its
@@ -110,6 +126,57 @@ DFMLX_INLINE void valid_columns(int offset, const Shape& s, const Geometry& g, i
   while (q1 > q0 && (q1 - 1) * g.sw + offset >= s.width) --q1;
 }
 
+// Output vectors v0 .. v0 + N - 1 (kLanes outputs each, of one group each) of pixel (p, q),
+// for whole vectors of outputs per group: accumulated in registers over the taps and the
+// group's channels, in the order outer_row_body adds them.
+template <int N>
+DFMLX_INLINE void outer_vectors(const float* __restrict x, const float* __restrict wt, float* __restrict yq, int p,
+                                int q, int v0, const Shape& s, const Geometry& g) {
+  const int ipg = s.in_per_group(), opg = s.out_per_group();
+  Lanes acc[N];
+  int first_channel[N];  // of each vector's group
+#pragma GCC unroll 4
+  for (int n = 0; n < N; ++n) {
+    acc[n] = Lanes{};
+    first_channel[n] = (v0 + n) * kLanes / opg * ipg;
+  }
+  for (int i = 0, t = 0; i < g.kh; ++i) {
+    for (int j = 0; j < g.kw; ++j, ++t) {
+      const float* px = tap_pixel(x, p, q, i, j, s, g);
+      if (px == nullptr) continue;
+      for (int c = 0; c < ipg; ++c) {
+        const float* __restrict wc = wt + (static_cast<size_t>(t) * ipg + c) * s.out_ch;
+#pragma GCC unroll 4
+        for (int n = 0; n < N; ++n) {
+          Lanes wv;
+          std::memcpy(&wv, wc + (v0 + n) * kLanes, sizeof wv);
+          acc[n] = acc[n] + px[first_channel[n] + c] * wv;
+        }
+      }
+    }
+  }
+  for (int n = 0; n < N; ++n) std::memcpy(yq + (v0 + n) * kLanes, &acc[n], sizeof(Lanes));
+}
+
+// outer_row_body where each group has whole vectors of outputs: pixel by pixel, 4 vectors at a
+// time in registers, instead of adding into the output row once per tap and channel.
+DFMLX_INLINE void outer_pixels(const float* __restrict x, const float* __restrict wt, float* __restrict y, int p,
+                               const Shape& s, const Geometry& g) {
+  constexpr int kBlock = 4;
+  const int vectors = s.out_ch / kLanes;
+  for (int q = 0; q < s.out_width; ++q) {
+    float* __restrict yq = y + static_cast<size_t>(q) * s.out_ch;
+    int v = 0;
+    for (; v + kBlock <= vectors; v += kBlock) outer_vectors<kBlock>(x, wt, yq, p, q, v, s, g);
+    switch (vectors - v) {
+      case 1: outer_vectors<1>(x, wt, yq, p, q, v, s, g); break;
+      case 2: outer_vectors<2>(x, wt, yq, p, q, v, s, g); break;
+      case 3: outer_vectors<3>(x, wt, yq, p, q, v, s, g); break;
+      default: break;
+    }
+  }
+}
+
 // Few input channels per group: tap by tap and channel by channel over the output row (which
 // stays in L1), each input value times the tap's weights of its group's outputs, added over
 // the outputs (vectorised); taps and channels in order. wt is the weight taps-major:
@@ -117,6 +184,10 @@ DFMLX_INLINE void valid_columns(int offset, const Shape& s, const Geometry& g, i
 DFMLX_INLINE void outer_row_body(const float* __restrict x, const float* __restrict wt,
                                  float* __restrict y, int p, const Shape* s, const Geometry* g) {
   const int ipg = s->in_per_group(), opg = s->out_per_group(), out_ch = s->out_ch;
+  if (opg % kLanes == 0) {
+    outer_pixels(x, wt, y, p, *s, *g);
+    return;
+  }
   for (size_t k = 0; k < static_cast<size_t>(s->out_width) * out_ch; ++k) y[k] = 0.0f;
   const size_t x_step = static_cast<size_t>(g->sw) * s->channels;
   for (int i = 0; i < g->kh; ++i) {
@@ -132,18 +203,9 @@ DFMLX_INLINE void outer_row_body(const float* __restrict x, const float* __restr
         const float* __restrict wc = wt + (static_cast<size_t>(t) * ipg + c) * out_ch + group * opg;
         const float* __restrict xq = x_row + static_cast<size_t>(q0 * g->sw + offset) * s->channels + k;
         float* __restrict yq = y + static_cast<size_t>(q0) * out_ch + group * opg;
-        if (opg % kLanes == 0) {  // whole vectors, without a short loop's setup per value
-          for (int q = q0; q < q1; ++q, xq += x_step, yq += out_ch) {
-            const float v = *xq;
-            for (int o = 0; o < opg; o += kLanes) {
-              for (int l = 0; l < kLanes; ++l) yq[o + l] = yq[o + l] + v * wc[o + l];
-            }
-          }
-        } else {
-          for (int q = q0; q < q1; ++q, xq += x_step, yq += out_ch) {
-            const float v = *xq;
-            for (int o = 0; o < opg; ++o) yq[o] = yq[o] + v * wc[o];
-          }
+        for (int q = q0; q < q1; ++q, xq += x_step, yq += out_ch) {
+          const float v = *xq;
+          for (int o = 0; o < opg; ++o) yq[o] = yq[o] + v * wc[o];
         }
       }
     }
