@@ -199,14 +199,15 @@ def _write(results, args):
              "products on the native op); "
              "pure-MLX: DFMLX_NATIVE=0. Ratio = time / torch's or onnxruntime's.", "",
              "| threads | audio | " + " | ".join(f"{e} RTF" for e in ENGINES)
-             + " | df-mlx / torch | pip BLAS / torch | pip, mlx first / torch | df-mlx / ORT |",
-             "|---|---|" + "---|" * (len(ENGINES) + 4)]
+             + " | df-mlx / torch | pip BLAS / torch | pip, mlx first / torch | df-mlx / ORT | pip BLAS / ORT |",
+             "|---|---|" + "---|" * (len(ENGINES) + 5)]
     for threads in args.threads:
         for s in args.seconds:
             r = {e: results[(e, threads)][f"{s:g}"] for e in ENGINES}
-            lines.append(f"| {threads} | {s:g} s | " + " | ".join(f"{r[e]:.3f}" for e in ENGINES)
+            lines.append(f"| {threads} | {s:g} s | " + " | ".join(f"{r[e]:.4f}" for e in ENGINES)
                          + f" | {r['df-mlx'] / r['torch']:.2f}x | {r['df-mlx pip BLAS'] / r['torch']:.2f}x"
-                         f" | {r[PIP_MLX_FIRST] / r['torch']:.2f}x | {r['df-mlx'] / r['onnxruntime']:.2f}x |")
+                         f" | {r[PIP_MLX_FIRST] / r['torch']:.2f}x | {r['df-mlx'] / r['onnxruntime']:.2f}x"
+                         f" | {r['df-mlx pip BLAS'] / r['onnxruntime']:.2f}x |")
     lines += ["", "| threads | engine | peak memory (MB) |", "|---|---|---|"]
     for (engine, threads), r in results.items():
         lines.append(f"| {threads} | {engine} | {r['peak_mb']:.0f} |")

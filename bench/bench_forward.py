@@ -1,13 +1,13 @@
 """DFN3 forward speed (random weights at df's default ModelParams, conv_ch 16, which mlx-audio's
 DeepFilterNet3Config matches; the pretrained DFN3, conv_ch 64, is bench_enhance.py's; one
-thread, T = 1000 frames = 10 s): df-mlx with its
+thread, T = 1000 and 6000 frames = 10 s and 60 s): df-mlx with its
 native recurrences and without (DFMLX_NATIVE=0), each on the BLAS pip alone gives (the
 scipy-openblas32 wheel) and on apt's BLIS, against upstream torch and mlx-audio 0.6.2's
 DeepFilterNet3 (given the same BLAS through df_mlx._blas); plus df-mlx's per-module profile
-with and without the native ops. Every row runs in its own process, in one run. Writes
-bench/forward.md.
+with and without the native ops (at the first length). Every row runs in its own process, in
+one run. Writes bench/forward.md.
 
-    python bench/bench_forward.py [--frames 1000] [--repeats 5]
+    python bench/bench_forward.py [--frames 1000 6000] [--repeats 5]
 """
 
 import argparse
@@ -138,37 +138,39 @@ def _torch(inputs):
     return run
 
 
-def _child(engine: str, blas: str, frames: int, repeats: int) -> dict:
+def _child(engine: str, blas: str, frames_list, repeats: int) -> dict:
     if blas == "pip":
         hide_system_blas()
     import df_mlx  # noqa: F401  (MLX's BLAS, for mlx-audio too)
     from df_mlx import _blas, _native
 
-    inputs = _inputs(frames)
-    profile = None
-    if engine == "df-mlx":
-        run, profile = _df_mlx(inputs, profile=True)
-    elif engine == "mlx-audio":
-        run = _mlx_audio(inputs)
-    else:
-        run = _torch(inputs)
-    run()  # warm-up: compilation, allocation
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
     mlx_side = engine != "torch"
-    result = {"seconds": best, "mlx_blas": _blas.loaded if mlx_side else None,
+    result = {"seconds": {}, "mlx_blas": _blas.loaded if mlx_side else None,
               "native_blas": _native.blas_library() if engine == "df-mlx" else None}
-    if profile:
-        result["profile"] = min((profile() for _ in range(2)), key=lambda p: p["total"])
+    for frames in frames_list:
+        inputs = _inputs(frames)
+        profile = None
+        if engine == "df-mlx":
+            run, profile = _df_mlx(inputs, profile=frames == frames_list[0])
+        elif engine == "mlx-audio":
+            run = _mlx_audio(inputs)
+        else:
+            run = _torch(inputs)
+        run()  # warm-up at this length: compilation, allocation
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t0)
+        result["seconds"][str(frames)] = best
+        if profile:
+            result["profile"] = min((profile() for _ in range(2)), key=lambda p: p["total"])
     return result
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=1000)
+    ap.add_argument("--frames", type=int, nargs="+", default=[1000, 6000])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -180,7 +182,7 @@ def main():
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                    BLIS_NUM_THREADS="1", DFMLX_NATIVE="1" if native else "0")
         env.pop("DFMLX_BLAS", None)
-        cmd = [sys.executable, __file__, "--child", engine, blas, "--frames", str(args.frames),
+        cmd = [sys.executable, __file__, "--child", engine, blas, "--frames", *map(str, args.frames),
                "--repeats", str(args.repeats)]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parent)
         if out.returncode != 0:
@@ -193,21 +195,25 @@ def main():
 def _write(results, args):
     import platform
 
-    seconds = args.frames / 100
     torch_s = results[ROWS[-1][0]]["seconds"]
+    lengths = [f"{frames / 100:g} s" for frames in args.frames]
     lines = ["# DFN3 forward speed", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread; DFN3 forward "
-             f"(random weights) on T = {args.frames} frames ({seconds:g} s of audio), best of {args.repeats}, "
-             "every row in its own process, in one run.", "",
-             "| engine | RTF | time / torch's | MLX matmuls' BLAS | native ops' BLAS |", "|---|---|---|---|---|"]
+             f"(random weights) on T = {' and '.join(map(str, args.frames))} frames ({' and '.join(lengths)} of "
+             f"audio), best of {args.repeats}, every row in its own process, in one run.", "",
+             "| engine | " + " | ".join(f"RTF {n}" for n in lengths) + " | "
+             + " | ".join(f"time / torch's {n}" for n in lengths) + " | MLX matmuls' BLAS | native ops' BLAS |",
+             "|---|" + "---|" * (2 * len(lengths) + 2)]
     for name, r in results.items():
         mlx_side = not name.startswith("torch")
-        lines.append(f"| {name} | {r['seconds'] / seconds:.3f} | {r['seconds'] / torch_s:.2f}x | "
-                     f"{_short(r['mlx_blas'], mlx_side)} | {_short(r['native_blas'], False)} |")
+        seconds = r["seconds"]
+        lines.append(f"| {name} | " + " | ".join(f"{seconds[str(f)] / (f / 100):.4f}" for f in args.frames) + " | "
+                     + " | ".join(f"{seconds[str(f)] / torch_s[str(f)]:.2f}x" for f in args.frames)
+                     + f" | {_short(r['mlx_blas'], mlx_side)} | {_short(r['native_blas'], False)} |")
     profiled = [(name, r["profile"]) for name, r in results.items() if "profile" in r]
     keys = sorted({k for _, p in profiled for k in p if k != "total"}, key=lambda k: -profiled[-1][1].get(k, 0))
-    lines += ["", "Per-module profile (each module type's own time in ms, every call evaluated on its own, "
-              "so the total is a little above the plain forward's):", "",
+    lines += ["", f"Per-module profile at {lengths[0]} (each module type's own time in ms, every call evaluated "
+              "on its own, so the total is a little above the plain forward's):", "",
               "| module | " + " | ".join(name for name, _ in profiled) + " |",
               "|---|" + "---|" * len(profiled)]
     for key in keys + ["total"]:
