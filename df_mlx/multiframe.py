@@ -239,8 +239,10 @@ def _native_deep_filter(num_freqs: int, frame_size: int, before: int, after: int
     """The native deep filter (native/deep_filter.h) for one geometry, whose gradient is
     `_filter_real_pairs`'s."""
 
+    pad = _TimePad(before, after, -2)
+
     def pure(spec, coefs):
-        return _filter_real_pairs(spec, coefs, lambda x: pad_axis(x, -2, before, after), num_freqs, frame_size, conj)
+        return _filter_real_pairs(spec, coefs, pad, num_freqs, frame_size, conj)
 
     @_native.differentiable
     def deep_filter(spec, coefs):

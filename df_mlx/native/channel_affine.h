@@ -14,7 +14,8 @@ namespace mx = mlx::core;
 // x [..., C] * scale [C] + shift [C], then max(., 0) with `relu` (NaN stays NaN, as torch's
 // relu); float32 on a CPU stream; the AVX variants round a * b + c once (FMA). MLX's compiled
 // x * scale + shift then maximum ran about 15x slower where x's buffer was donated to the
-// output (the in-place loop does not vectorise): 20 ms of DFN3's 10 s forward on one layer.
+// output (the in-place loop does not vectorise): a [96000, 64] matmul and BatchNorm + ReLU took
+// 42 ms as one graph, 12 ms with an eval between them.
 mx::array channel_affine(const mx::array& x, const mx::array& scale, const mx::array& shift, bool relu);
 
 class ChannelAffine : public mx::Primitive {
